@@ -1,0 +1,122 @@
+"""The ResNet family with an attention slot: plain, SGE and SE, all on timm's ResNet.
+
+Paper defaults (DESIGN.md): ResNet v1.5 (stride in the 3x3 conv, timm's default), no
+zero-init of the last BN gamma, the attention module after the block's last BN and before
+the residual add (timm's ``attn_layer`` slot sits exactly there, stored as ``.se``).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from sge import sge_layer
+
+DEFAULT_SGE_IMPL = "reference"
+
+LAYERS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def _cfg(**kwargs):
+    # The paper's evaluation: short side 256, center crop 224 (crop_pct 0.875), bilinear.
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0", **kwargs,
+    }
+
+
+def _attn_layer(attn: str, groups: int, sge_impl: str):
+    if attn == "sge":
+        return partial(sge_layer(sge_impl), groups=groups)
+    if attn == "se":
+        return "se"  # timm's SEModule: reduction 16, the SE-ResNet paper's block
+    if attn == "none":
+        return None
+    raise ValueError(f"unknown attention {attn!r}; expected sge, se or none")
+
+
+def build_resnet(depth: int, attn: str = "none", groups: int = 64,
+                 sge_impl: str = DEFAULT_SGE_IMPL, variant: str | None = None,
+                 pretrained: bool = False, **kwargs) -> ResNet:
+    """Build a ResNet-``depth`` with ``attn`` in every block's slot.
+
+    ``groups`` and ``sge_impl`` apply to SGE only; other keyword arguments go to timm's
+    ``ResNet`` (``num_classes``, ``channels``, ``stem_width``, ``features_only``, ...).
+    """
+    if depth not in LAYERS:
+        raise ValueError(f"ResNet depth {depth} is not one of {sorted(LAYERS)}")
+    if pretrained:
+        raise ValueError("no downloadable weights: load a checkpoint with "
+                         "sge.checkpoint.load_model_weights(model, path)")
+    block, layers = LAYERS[depth]
+    block_args = dict(kwargs.pop("block_args", None) or {})
+    block_args["attn_layer"] = _attn_layer(attn, groups, sge_impl)
+    kwargs.setdefault("zero_init_last", False)
+    name = variant or (f"{attn}_resnet{depth}" if attn != "none" else f"resnet{depth}")
+    # timm.create_model passes the registered cfg; our own registry passes none.
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _cfg()
+    return build_model_with_cfg(
+        ResNet, name, pretrained=False, block=block, layers=layers, block_args=block_args,
+        **kwargs)
+
+
+# Registered in timm's registry too (complete pretrained cfgs): sge_* and se_* only.
+# Plain resnet* stay in our registry so importing us never shadows timm's own models.
+default_cfgs = generate_default_cfgs({
+    f"{attn}_resnet{depth}.paper": _cfg()
+    for attn, depths in (("sge", (18, 34, 50, 101, 152)), ("se", (50, 101)))
+    for depth in depths
+})
+
+
+@register_model
+def sge_resnet18(pretrained=False, **kwargs):
+    return build_resnet(18, "sge", variant="sge_resnet18", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sge_resnet34(pretrained=False, **kwargs):
+    return build_resnet(34, "sge", variant="sge_resnet34", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sge_resnet50(pretrained=False, **kwargs):
+    return build_resnet(50, "sge", variant="sge_resnet50", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sge_resnet101(pretrained=False, **kwargs):
+    return build_resnet(101, "sge", variant="sge_resnet101", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def sge_resnet152(pretrained=False, **kwargs):
+    return build_resnet(152, "sge", variant="sge_resnet152", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def se_resnet50(pretrained=False, **kwargs):
+    return build_resnet(50, "se", variant="se_resnet50", pretrained=pretrained, **kwargs)
+
+
+@register_model
+def se_resnet101(pretrained=False, **kwargs):
+    return build_resnet(101, "se", variant="se_resnet101", pretrained=pretrained, **kwargs)
+
+
+def plain_resnet(depth: int):
+    """Our-registry-only builder for the plain baseline ResNet-``depth``."""
+    def build(pretrained=False, **kwargs):
+        return build_resnet(depth, "none", pretrained=pretrained, **kwargs)
+    build.__name__ = f"resnet{depth}"
+    return build

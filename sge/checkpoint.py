@@ -1,0 +1,175 @@
+"""Every checkpoint read and write of the project.
+
+Reads always use ``torch.load(weights_only=True)``: a checkpoint is data and can never run
+code. Writes are atomic (temp file in the same folder + fsync + rename), by rank 0 only
+(the caller decides the rank). Accepted for model weights:
+
+- this project's checkpoints: a dict with ``model`` (a state dict without prefixes);
+- released PytorchInsight ``*.pth.tar``: a dict with ``state_dict`` whose keys carry the
+  DataParallel ``module.`` prefix and name SGE's gamma/beta ``...sge.weight``/``...sge.bias``;
+- plain state dicts (torchvision / timm ResNet weights), also ``torch.compile``'s
+  ``_orig_mod.`` prefix;
+- ``.safetensors`` files.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit; the message names the file."""
+
+
+# ---------------------------------------------------------------- raw reading/writing
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu"):
+    """Read a checkpoint file as plain data; any failure is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: "
+                                  f"{exc}") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            reason = ("refused: it holds pickled objects other than tensors and plain data, "
+                      "which could run code when loaded")
+        elif isinstance(exc, (EOFError, RuntimeError)) and ("zip" in text or "EOF" in text
+                                                            or "central directory" in text):
+            reason = "is truncated or corrupt"
+        else:
+            reason = f"cannot be read ({type(exc).__name__}: {text.splitlines()[0][:200]})"
+        raise CheckpointError(f"checkpoint {path} {reason}") from None
+
+
+def write_atomic(obj, path: str | os.PathLike) -> None:
+    """Save ``obj`` with torch.save to ``path`` atomically: a torn write leaves the old file.
+
+    Raises CheckpointError naming the path when the write fails (disk full, no permission);
+    the previous file at ``path`` is then untouched.
+    """
+    path = Path(path)
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                              f"the previous checkpoint there is left intact") from None
+    finally:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+# ---------------------------------------------------------------- model weights
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def extract_state_dict(obj, path) -> dict:
+    """Find the model state dict inside any supported checkpoint layout."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or \
+            not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CheckpointError(f"checkpoint {path} holds no model state dict "
+                              f"(expected tensors by name, or a dict with 'model'/'state_dict')")
+    return obj
+
+
+def normalize_keys(state: dict) -> dict:
+    """Strip DataParallel/compile prefixes; map PytorchInsight's ``.sge.`` to our ``.se.`` slot."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+            key = key.replace("._orig_mod.", ".")
+        key = re.sub(r"^(layer\d+\.\d+)\.sge\.", r"\1.se.", key)
+        out[key] = value
+    return out
+
+
+def describe_state(state: dict) -> str:
+    """Guess which model a (normalized) state dict belongs to, in words."""
+    blocks = Counter()
+    for key in state:
+        m = re.match(r"layer(\d)\.(\d+)\.", key)
+        if m:
+            blocks[int(m.group(1))] = max(blocks[int(m.group(1))], int(m.group(2)) + 1)
+    layers = tuple(blocks[i] for i in range(1, 5))
+    bottleneck = any(".conv3." in k for k in state)
+    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((layers, bottleneck))
+    arch = f"resnet{depth}" if depth else f"a ResNet with blocks {layers}"
+    sge = state.get("layer1.0.se.weight")
+    if sge is not None and sge.dim() == 4:
+        arch = f"sge_{arch} (groups={sge.shape[1]})" if depth else f"SGE {arch} (groups={sge.shape[1]})"
+    elif any(".se.fc1." in k for k in state):
+        arch = f"se_{arch}" if depth else f"SE {arch}"
+    fc = state.get("fc.weight")
+    if fc is not None:
+        arch += f", {fc.shape[0]} classes"
+    return arch
+
+
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
+    """Load any supported checkpoint into ``model`` strictly; return the raw checkpoint.
+
+    A mismatch (another model, group count or class count; missing or unexpected keys) is
+    a CheckpointError that says what the file looks like and lists the first differences.
+    """
+    raw = read_checkpoint(path)
+    state = normalize_keys(extract_state_dict(raw, path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {path} does not fit the model: the file looks like "
+                 f"{describe_state(state)}, the model is {describe_state(own)}"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", shapes)):
+            if items:
+                more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{more}")
+        raise CheckpointError("\n".join(lines))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} has non-finite (NaN/inf) values in "
+                              f"{len(bad)} tensors, first {bad[0]}")
+    model.load_state_dict(state, strict=True)
+    return raw if isinstance(raw, dict) else {}
