@@ -38,7 +38,8 @@ class ModelCfg:
     num_classes: int = _f(1000, "classifier outputs", min=1)
     sge_impl: str = _f("reference", "SGE implementation", choices=("reference", "fused"))
     channels: list = _f([], "per-stage base widths for narrow models; [] = (64,128,256,512)")
-    stem_width: int = _f(64, "stem conv width", min=1)
+    stem_width: int = _f(64, "timm stem_width (acts on deep stems only; the 7x7 stem is 64 wide)",
+                         min=1)
     channels_last: bool = _f(False, "use the channels_last memory format (shapes stay NCHW)")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
     compile: bool = _f(False, "wrap the model in torch.compile")

@@ -39,10 +39,12 @@ def sge_gate_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     g = xg.mean(dim=3, keepdim=True)                        # (N, G, C/G, 1)
     dots = (xg * g).sum(dim=2)                              # (N, G, H*W)
     centered = dots - dots.mean(dim=2, keepdim=True)
-    # Unbiased variance; with H*W == 1 the centered value is exactly 0 and we define the
-    # std as 0, so c_hat = 0 / eps = 0 instead of torch.std's NaN.
+    # Unbiased variance. With H*W == 1 (or a constant map) the centered values are exactly 0:
+    # c_hat is then 0, where torch.std would give NaN. The clamp to the smallest normal
+    # number only keeps sqrt's gradient finite there; any real variance is far above it.
     dof = max(h * w - 1, 1)
-    std = (centered.square().sum(dim=2, keepdim=True) / dof).sqrt()
+    var = centered.square().sum(dim=2, keepdim=True) / dof
+    std = var.clamp_min(torch.finfo(dtype).tiny).sqrt()
     c_hat = centered / (std + EPS)
     a = c_hat.reshape(n, groups, h, w) * weight.to(dtype) + bias.to(dtype)
     return a
