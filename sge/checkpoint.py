@@ -173,3 +173,130 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
                               f"{len(bad)} tensors, first {bad[0]}")
     model.load_state_dict(state, strict=True)
     return raw if isinstance(raw, dict) else {}
+
+
+# ---------------------------------------------------------------- full training state
+
+# Config keys that change the model's weights; resuming with another value is an error.
+# (sge_impl, channels_last, sync_bn and compile change how the same weights are computed.)
+MODEL_KEYS = ("name", "groups", "num_classes", "channels", "stem_width")
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch and CUDA generator states as plain data (weights_only-safe)."""
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(*, model, optimizer, schedule, scaler, ema, epoch: int, step_in_epoch: int,
+                   global_step: int, config: dict, best: dict, counters: dict) -> dict:
+    """Everything needed to continue exactly. ``epoch`` is the 0-based epoch in progress and
+    ``step_in_epoch`` the optimizer steps of it already done (an epoch whose training is done
+    but whose validation is pending has ``step_in_epoch`` = its number of steps)."""
+    return {
+        "format": "sge-imagenet-train/1",
+        "model": normalize_keys(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ema": normalize_keys(ema.module.state_dict()) if ema is not None else None,
+        "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+        "rng": rng_state(),
+        "config": config,
+        "best": dict(best),
+        "counters": dict(counters),
+    }
+
+
+def check_same_model(path, saved_config: dict, config: dict) -> None:
+    """Resuming with a config that changes the model is an error naming the keys."""
+    old, new = saved_config.get("model", {}), config["model"]
+    diff = [f"model.{k}: checkpoint {old.get(k)!r} vs config {new[k]!r}"
+            for k in MODEL_KEYS if old.get(k) != new[k]]
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: the config changes the model "
+                              f"({'; '.join(diff)}); use another output.dir or "
+                              f"train.resume=never")
+
+
+def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config: dict) -> dict:
+    """Restore every training object from ``path``; return epoch/step/best/counters.
+
+    RNG states are returned (under ``"rng"``), not applied: the caller applies them once the
+    epoch's data iterator exists, since creating a DataLoader iterator draws from the torch RNG.
+    """
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != "sge-imagenet-train/1":
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project "
+                              f"(to start from its weights, evaluate it or train with "
+                              f"train.resume=never)")
+    check_same_model(path, state["config"], config)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state["ema"] is not None:
+            ema.module.load_state_dict(state["ema"], strict=True)
+        elif ema is not None:  # EMA switched on mid-run: start it from the current weights
+            ema.module.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run: "
+                              f"{str(exc).splitlines()[0][:300]}") from None
+    return {k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "counters",
+                                  "rng")}
+
+
+def save_last(state: dict, ckpt_dir, keep_epoch_copies: int = 0, epoch_end: bool = False) -> Path:
+    """Write ``last.pt`` (and at an epoch end, with retention, ``epoch_NNNN.pt``)."""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.pt"
+    write_atomic(state, last)
+    if epoch_end and keep_epoch_copies > 0:
+        write_atomic(state, ckpt_dir / f"epoch_{state['epoch']:04d}.pt")
+        copies = sorted(ckpt_dir.glob("epoch_[0-9][0-9][0-9][0-9].pt"))
+        for old in copies[:-keep_epoch_copies]:
+            old.unlink()
+    return last
+
+
+def save_best(weights: dict, ckpt_dir, *, which: str, top1: float, epoch: int,
+              global_step: int, config: dict) -> Path:
+    """Write ``best.pt`` (the best weights, raw or EMA, and which) and ``best.safetensors``."""
+    from safetensors.torch import save_file
+    ckpt_dir = Path(ckpt_dir)
+    weights = {k: v.detach().cpu().contiguous() for k, v in normalize_keys(weights).items()}
+    best = ckpt_dir / "best.pt"
+    write_atomic({"format": "sge-imagenet-best/1", "model": weights, "weights": which,
+                  "top1": top1, "epoch": epoch, "global_step": global_step, "config": config},
+                 best)
+    tmp = ckpt_dir / ".best.safetensors.tmp"
+    try:
+        save_file(weights, str(tmp), metadata={"weights": which, "top1": f"{top1:.3f}",
+                                               "epoch": str(epoch)})
+        os.replace(tmp, ckpt_dir / "best.safetensors")
+    except OSError as exc:
+        raise CheckpointError(f"could not write {ckpt_dir / 'best.safetensors'}: "
+                              f"{exc.strerror or exc}") from None
+    return best

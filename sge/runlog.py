@@ -1,0 +1,118 @@
+"""The run directory's records: resolved config, environment, metrics.jsonl, TensorBoard,
+the rank-0 progress bar and the one-line epoch summaries.
+
+Only rank 0 writes; other ranks get a RunLog whose methods do nothing, so callers need no
+rank checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from sge.config import QUICKSTART, Config
+
+
+def resolved_config(cfg: Config) -> dict:
+    """``cfg`` as a dict with reserved values made real (``data.root: quickstart`` -> path)."""
+    data = cfg.to_dict()
+    if cfg.data.root == QUICKSTART and cfg.data.backend != "synthetic":
+        from data import resolve_root  # generates the dataset on first use
+        data["data"]["root"] = str(resolve_root(cfg))
+    return data
+
+
+def environment(world_size: int) -> dict:
+    """Git commit, library versions, hardware and world size of this run."""
+    import numpy
+    import timm
+    import torchvision
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"git_commit": commit, "git_dirty": dirty, "python": sys.version.split()[0],
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": numpy.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if gpus else None,
+            "hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "gpus": gpus, "world_size": world_size,
+            "argv": sys.argv, "time": time.time()}
+
+
+class RunLog:
+    def __init__(self, out_dir: str, active: bool, tensorboard: bool = True):
+        self.dir = Path(out_dir)
+        self.active = active
+        self.writer = None
+        if not active:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.dir / "tb"))
+
+    def write_setup(self, config: dict, env: dict) -> None:
+        if self.active:
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (self.dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+
+    def metrics(self, row: dict) -> None:
+        """Append one row to metrics.jsonl and its numbers to TensorBoard."""
+        if not self.active:
+            return
+        row = {**row, "time": time.time()}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            prefix = row["split"] if row["split"] == "train" else f"{row['split']}_{row['weights']}"
+            for key in ("loss", "top1", "top5", "img_per_s", "lr", "data_wait"):
+                if row.get(key) is not None:
+                    self.writer.add_scalar(f"{prefix}/{key}", row[key], row["step"])
+            self.writer.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Per-step TensorBoard scalars (not in metrics.jsonl)."""
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def progress(self, total: int, initial: int, desc: str, enabled: bool):
+        """A tqdm bar with ETA on rank 0 (stderr), else a stand-in with the same methods."""
+        if self.active and enabled:
+            from tqdm import tqdm
+            return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                        leave=False, file=sys.stderr)
+        return _NoBar()
+
+    def info(self, message: str) -> None:
+        if self.active:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
