@@ -134,6 +134,9 @@ def train_step(parts: Parts, batches, progress: Progress) -> dict:
     step = progress.global_step
     lr = parts.schedule.apply(step)
     seed_step(parts.seed, distributed.rank(), step)
+    # A skipped step must not leave NaN in BN running statistics (updated by the forward).
+    saved_buffers = [b.detach().clone() for b in parts.plain.buffers()] \
+        if parts.nonfinite == "skip" else None
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = None
     images_seen, wait = 0, 0.0
@@ -166,6 +169,9 @@ def train_step(parts: Parts, batches, progress: Progress) -> dict:
                                      f"{step} (epoch {progress.epoch + 1}, step "
                                      f"{progress.step_in_epoch + 1} of it)")
         progress.counters["skipped_nonfinite"] += 1
+        print(f"warning: skipped global step {step}: non-finite loss ({mean_loss})", flush=True)
+        for buffer, saved in zip(parts.plain.buffers(), saved_buffers):
+            buffer.copy_(saved)
     else:
         scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
         parts.scaler.step(parts.optimizer)
