@@ -1,0 +1,236 @@
+"""The training loop on CPU: exact resume, checkpoint round trip, non-finite losses, AMP, EMA/best.
+
+Runs use a 3-class folder of 36 px JPEGs and a narrow SGE-ResNet18 (seconds each).
+"""
+import json
+import math
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from sge import checkpoint, engine
+from sge.checkpoint import CheckpointError
+from tests.engine_utils import make_folder, tiny_config
+
+# accum 2 -> 3 optimizer steps per epoch; checkpoints every 2 steps; EMA and mixup on, so
+# their state and random numbers must survive a resume too.
+RESUME = ("train.accum_steps=2", "train.ckpt_every_steps=2", "train.ema=true",
+          "train.ema_decay=0.9", "train.mixup=0.4")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL: the run ends mid-step, without saving."""
+
+
+def _intercept_train_batches(monkeypatch, action):
+    """Make ``action(n, images)`` see the n-th train batch (1-based, over all epochs)."""
+    real = data.build_loader
+    seen = [0]
+
+    class Loader:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def set_epoch(self, epoch, start_batch=0):
+            self.inner.set_epoch(epoch, start_batch)
+
+        def __iter__(self):
+            for images, labels in self.inner:
+                seen[0] += 1
+                yield action(seen[0], images), labels
+
+    monkeypatch.setattr(data, "build_loader",
+                        lambda cfg, split: Loader(real(cfg, split)) if split == "train"
+                        else real(cfg, split))
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _final_state(run_dir):
+    return checkpoint.read_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def _assert_same_tensors(a, b, where=""):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = engine.fit(tiny_config(folder, run_dir, *RESUME))
+    assert result["stopped"] is None and result["global_step"] == 6
+    return run_dir
+
+
+@pytest.mark.parametrize("how, at_batch", [("kill", 11), ("sigterm", 4)])
+def test_kill_and_resume_is_bitwise_identical(folder, tmp_path, monkeypatch, uninterrupted,
+                                              how, at_batch):
+    def fault(n, images):
+        if n == at_batch:
+            if how == "kill":
+                raise _Killed
+            os.kill(os.getpid(), signal.SIGTERM)  # the step finishes, then state is saved
+        return images
+
+    _intercept_train_batches(monkeypatch, fault)
+    cfg = tiny_config(folder, tmp_path, *RESUME)
+    if how == "kill":
+        with pytest.raises(_Killed):
+            engine.fit(cfg)
+    else:
+        stopped = engine.fit(cfg)
+        assert stopped["stopped"] == "SIGTERM" and stopped["global_step"] == at_batch // 2
+    interrupted_at = _final_state(tmp_path)["global_step"]
+    assert interrupted_at < 6  # the fault really happened before the end
+    monkeypatch.undo()
+    # Disturb the global RNGs: the resumed run must not depend on them.
+    random.random(), np.random.rand(), torch.rand(3)
+    result = engine.fit(tiny_config(folder, tmp_path, *RESUME))  # train.resume=auto
+    assert result["stopped"] is None and result["global_step"] == 6
+    resumed, reference = _final_state(tmp_path), _final_state(uninterrupted)
+    for key in ("model", "ema", "optimizer", "schedule", "scaler"):
+        _assert_same_tensors(resumed[key], reference[key], key)
+    # The epoch that was interrupted reports the same validation as the uninterrupted run.
+    val = [r for r in _rows(tmp_path) if r["split"] == "val" and r["epoch"] == 2]
+    ref_val = [r for r in _rows(uninterrupted) if r["split"] == "val" and r["epoch"] == 2]
+    assert [(r["weights"], r["loss"], r["top1"]) for r in val] == \
+        [(r["weights"], r["loss"], r["top1"]) for r in ref_val]
+
+
+def test_run_dir_best_checkpoint_and_eval_reproduce(folder, uninterrupted):
+    rows = _rows(uninterrupted)
+    for row in rows:
+        assert {"epoch", "step", "split", "weights", "loss", "top1", "top5", "images", "lr",
+                "img_per_s", "time"} <= row.keys()
+    train = [r for r in rows if r["split"] == "train"]
+    assert [(r["epoch"], r["step"], r["images"]) for r in train] == [(1, 3, 24), (2, 6, 24)]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [(r["epoch"], r["weights"], r["images"]) for r in val] == \
+        [(1, "raw", 13), (1, "ema", 13), (2, "raw", 13), (2, "ema", 13)]
+    best_row = max(val, key=lambda r: r["top1"])  # first of equals wins, as in the engine
+    best = checkpoint.read_checkpoint(uninterrupted / "checkpoints" / "best.pt")
+    assert best["weights"] == best_row["weights"] and best["top1"] == best_row["top1"]
+    exported = checkpoint.read_checkpoint(uninterrupted / "checkpoints" / "best.safetensors")
+    _assert_same_tensors(exported, best["model"])
+    cfg = tiny_config(folder, uninterrupted, "train.resume=never")
+    again = engine.evaluate_checkpoint(cfg, uninterrupted / "checkpoints" / "best.pt")
+    assert (again["top1"], again["images"]) == (best_row["top1"], 13)
+    saved = (uninterrupted / "config.yaml").read_text()
+    assert f"root: {folder}" in saved and "groups: 4" in saved
+    assert json.loads((uninterrupted / "env.json").read_text())["world_size"] == 1
+
+
+def test_checkpoint_round_trip(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path, "train.ema=true", "train.ema_decay=0.5")
+    parts = engine.setup(cfg, torch.device("cpu"), num_steps=3)
+    # A real (CPU) grad scaler whose scale changes, so its state is not the default.
+    parts.scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
+    loader = data.build_loader(cfg, "train")
+    loader.set_epoch(0)
+    batches = iter(loader)
+    progress = engine.Progress()
+    for _ in range(2):
+        engine.train_step(parts, batches, progress)
+        progress.global_step += 1
+        progress.step_in_epoch += 1
+    progress.best = {"top1": 12.5, "weights": "ema", "epoch": 1}
+    state = checkpoint.training_state(
+        model=parts.plain, optimizer=parts.optimizer, schedule=parts.schedule,
+        scaler=parts.scaler, ema=parts.ema, epoch=0, step_in_epoch=2, global_step=2,
+        config=cfg.to_dict(), best=progress.best, counters=progress.counters)
+    checkpoint.write_atomic(state, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(4))
+
+    torch.manual_seed(123)  # a differently initialised model to load into
+    fresh = engine.setup(cfg, torch.device("cpu"), num_steps=3)
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    got = checkpoint.load_training_state(
+        tmp_path / "state.pt", model=fresh.plain, optimizer=fresh.optimizer,
+        schedule=fresh.schedule, scaler=fresh.scaler, ema=fresh.ema, config=cfg.to_dict())
+    _assert_same_tensors(fresh.plain.state_dict(), parts.plain.state_dict(), "model")
+    _assert_same_tensors(fresh.ema.module.state_dict(), parts.ema.module.state_dict(), "ema")
+    _assert_same_tensors(fresh.optimizer.state_dict(), parts.optimizer.state_dict(), "optim")
+    assert fresh.scaler.state_dict() == parts.scaler.state_dict() != \
+        torch.amp.GradScaler("cpu").state_dict()
+    assert fresh.schedule.state_dict() == parts.schedule.state_dict()
+    assert fresh.schedule.last_step == 1
+    assert (got["epoch"], got["step_in_epoch"], got["global_step"]) == (0, 2, 2)
+    assert got["best"] == progress.best
+    checkpoint.set_rng_state(got["rng"])
+    drawn = (random.random(), np.random.rand(), torch.rand(4))
+    assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])
+
+
+def test_resume_with_another_model_is_an_error(folder, tmp_path, uninterrupted):
+    cfg = tiny_config(folder, tmp_path, "model.groups=8",
+                      f"train.resume={uninterrupted / 'checkpoints' / 'last.pt'}")
+    with pytest.raises(CheckpointError, match=r"changes the model \(model\.groups: checkpoint 4"):
+        engine.fit(cfg)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss(folder, tmp_path, monkeypatch, policy):
+    _intercept_train_batches(monkeypatch, lambda n, images: images * math.nan if n == 4 else images)
+    cfg = tiny_config(folder, tmp_path, f"train.nonfinite={policy}", "train.ckpt_every_steps=1",
+                      "train.epochs=1")
+    last = tmp_path / "checkpoints" / "last.pt"
+    if policy == "stop":
+        with pytest.raises(engine.NonFiniteLossError, match="global step 3"):
+            engine.fit(cfg)
+        kept = checkpoint.read_checkpoint(last)  # the last good state, before the bad step
+        assert kept["global_step"] == 3
+        assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+        return
+    result = engine.fit(cfg)
+    assert result["counters"]["skipped_nonfinite"] == 1
+    assert _rows(tmp_path)[0]["skipped_nonfinite"] == 1
+    final = checkpoint.read_checkpoint(last)
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+
+
+def test_bf16_autocast_steps_on_cpu(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path, "amp.dtype=bfloat16", "model.channels_last=true",
+                      "sched.name=cosine", "sched.warmup_epochs=0.5", "train.label_smoothing=0.1",
+                      "optim.wd_norm_bias=false")
+    parts = engine.setup(cfg, torch.device("cpu"), num_steps=6)
+    dtypes = []
+    parts.plain.fc.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    loader = data.build_loader(cfg, "train")
+    loader.set_epoch(0)
+    batches = iter(loader)
+    before = parts.plain.fc.weight.detach().clone()
+    progress = engine.Progress()
+    for _ in range(3):
+        out = engine.train_step(parts, batches, progress)
+        progress.global_step += 1
+        assert math.isfinite(out["loss"])
+    assert dtypes == [torch.bfloat16] * 3
+    assert parts.plain.fc.weight.dtype == torch.float32  # autocast, not a bf16 model
+    assert not torch.equal(before, parts.plain.fc.weight)
+    assert all(torch.isfinite(p).all() for p in parts.plain.parameters())
