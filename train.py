@@ -22,16 +22,11 @@ def main(argv=None) -> int:
     from sge.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
-        result = engine.fit(cfg)
+        engine.fit(cfg)
     except (ConfigError, CheckpointError, DatasetError, engine.NonFiniteLossError,
-            ValueError) as exc:
-        where = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        print(f"{where}error: {exc}", file=sys.stderr, flush=True)
+            distributed.PeerLostError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    if result["stopped"] is None and result["best"]["top1"] is not None:
-        best = result["best"]
-        print(f"done: best top1={best['top1']:.3f} ({best['weights']} weights, epoch "
-              f"{best['epoch']}) in {cfg.output.dir}/checkpoints/best.pt", flush=True)
     return 0
 
 

@@ -62,6 +62,22 @@ def sum_tensor(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+class PeerLostError(RuntimeError):
+    """A collective failed because another process died or hung (bounded by dist.timeout_s)."""
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (gloo/NCCL transport error or timeout)."""
+    if not is_dist():
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed",
+                                  "timed out", "Timed out"))
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

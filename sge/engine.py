@@ -300,11 +300,19 @@ def fit(cfg: Config) -> dict:
     with StopFlag() as stop:
         try:
             result = _fit(cfg, device, stop)
-        except Exception:
-            if stop.requested and distributed.world_size() > 1:
-                # A peer honoured the same signal first and left: its collective failed here.
+        except Exception as exc:
+            if not distributed.is_peer_failure(exc):
+                raise
+            if stop.requested:
+                # A peer honoured the same signal first and left: this collective failed.
+                print(f"[rank {distributed.rank()}] stopped by {stop.requested}; a peer left "
+                      f"first (rank 0 saved the last completed step)", flush=True)
                 return {"stopped": stop.requested, "best": None, "val": None}
-            raise
+            first = str(exc).strip().splitlines()[0][:300]
+            raise distributed.PeerLostError(
+                f"[rank {distributed.rank()}] lost another process of the run (it died or hung "
+                f"longer than dist.timeout_s={cfg.dist.timeout_s}s): {first}; resume from "
+                f"{Path(cfg.output.dir) / 'checkpoints' / 'last.pt'}") from None
     distributed.cleanup()
     return result
 
@@ -381,6 +389,10 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
         log.info(summary)
         if stop.requested:
             return _stopped(stop, path, progress, log)
+    best = progress.best
+    if best["top1"] is not None:
+        log.info(f"done: best top1={best['top1']:.3f} ({best['weights']} weights, epoch "
+                 f"{best['epoch']}) in {ckpt_dir / 'best.pt'}")
     log.close()
     return {"stopped": None, "best": progress.best, "val": val_rows,
             "global_step": progress.global_step, "counters": progress.counters}
