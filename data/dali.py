@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.folder import BadImageError
+from data.folder import BadImageError, DatasetError
 from data.presets import IMAGENET_MEAN, IMAGENET_STD, crop_params, sample_rng
 from data.sharding import train_batches, train_indices, val_indices
+from sge.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ INSTALL_HINT = ("install it with `pip install nvidia-dali-cuda130` (CUDA 13 driv
                 "`nvidia-dali-cuda120` for CUDA 12 drivers), or use data.backend=torchvision")
 
 
-class DaliUnavailableError(RuntimeError):
-    """DALI is not installed or failed to load; the message names the package to install."""
+class DaliUnavailableError(ConfigError):
+    """data.backend=dali, but DALI is not installed or failed to load (names the package)."""
 
 
 def _import_dali():
@@ -188,9 +189,10 @@ class DaliLoader:
     early (steps_per_epoch) then leaves no stale prefetched batches behind.
     """
 
-    def __init__(self, samples, classes, train, batch_size, out_size, val_resize, min_scale,
-                 hflip, threads, seed, rank, world, device, device_id, dtype, channels_last,
-                 on_bad_file):
+    def __init__(self, samples, classes, *, train: bool, batch_size: int, out_size: int,
+                 val_resize: int, min_scale: float, hflip: bool, threads: int, seed: int,
+                 rank: int, world: int, device: str, device_id: int | None,
+                 dtype: torch.dtype, channels_last: bool, on_bad_file: str):
         self.samples, self.classes, self.train = samples, list(classes), train
         self.batch_size, self.out_size, self.val_resize = batch_size, out_size, val_resize
         self.min_scale, self.hflip, self.threads, self.seed = min_scale, hflip, threads, seed
@@ -234,8 +236,7 @@ class DaliLoader:
         fn, types, Pipeline, _ = _import_dali()
         dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.threads,
-                        device_id=self.device_id, seed=self.seed, prefetch_queue_depth=2,
-                        exec_async=True, exec_pipelined=True)
+                        device_id=self.device_id, prefetch_queue_depth=2)
         with pipe:
             pipe.set_outputs(*_define_graph(fn, types, feeder, self.train, self.device,
                                             self.out_size, dtype,
@@ -268,8 +269,9 @@ class DaliLoader:
         paths = [p for _, batch in inflight for p in batch]
         culprits = {p: why for p in paths if (why := decode_error(p)) is not None}
         if not culprits:
-            raise RuntimeError(f"DALI pipeline failed on a batch of {len(paths)} files "
-                               f"starting with {paths[0]}: {dali_reason(exc)}") from None
+            raise DatasetError(f"DALI failed on the {len(paths)} files from {paths[0]} to "
+                               f"{paths[-1]} but decodes each alone on the CPU: "
+                               f"{dali_reason(exc)}") from None
         for path, why in culprits.items():
             self.bad_file(path, BadImageError(f"cannot decode image {path}: {why}"))
 
@@ -304,8 +306,8 @@ def decode_error(path: str) -> str | None:
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     if _checker is None:
-        _checker = Pipeline(batch_size=1, num_threads=1, device_id=None, exec_async=False,
-                            exec_pipelined=False)
+        _checker = Pipeline(batch_size=1, num_threads=1, device_id=None,
+                            prefetch_queue_depth=1)
         with _checker:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             _checker.set_outputs(fn.decoders.image(encoded, device="cpu",
@@ -350,7 +352,8 @@ def build_dali_loader(samples, classes, split: str, batch_size: int, img_size: i
     if device == "gpu" and device_id is None:
         device_id = torch.cuda.current_device()
     train = split == "train"
-    return DaliLoader(samples, classes, train, batch_size,
-                      img_size if train else val_img_size, val_resize, min_scale, hflip,
-                      max(1, threads), seed, rank, world, device, device_id, dtype,
-                      channels_last, on_bad_file)
+    return DaliLoader(samples, classes, train=train, batch_size=batch_size,
+                      out_size=img_size if train else val_img_size, val_resize=val_resize,
+                      min_scale=min_scale, hflip=hflip, threads=max(1, threads), seed=seed,
+                      rank=rank, world=world, device=device, device_id=device_id, dtype=dtype,
+                      channels_last=channels_last, on_bad_file=on_bad_file)
