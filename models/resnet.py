@@ -65,9 +65,23 @@ def build_resnet(depth: int, attn: str = "none", groups: int = 64,
     name = variant or (f"{attn}_resnet{depth}" if attn != "none" else f"resnet{depth}")
     # timm.create_model passes the registered cfg; our own registry passes none.
     kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _cfg()
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         ResNet, name, pretrained=False, block=block, layers=layers, block_args=block_args,
         **kwargs)
+    if attn == "sge" and sge_impl == "fused":
+        _defer_last_norms(model)
+    return model
+
+
+def _defer_last_norms(model) -> None:
+    """Let each fused SGE apply the BN right before it (bn3, or bn2 in a basic block).
+
+    That BN's output is what SGE gates; owning it lets SGE's backward recompute it instead
+    of keeping a full tensor per block (issue 5). Keys stay ``...bn3.*`` and ``...se.*``.
+    """
+    for block in model.modules():
+        if isinstance(block, (BasicBlock, Bottleneck)) and block.se is not None:
+            block.se.defer_norm(block, "bn3" if isinstance(block, Bottleneck) else "bn2")
 
 
 # Registered in timm's registry too (complete pretrained cfgs): sge_* and se_* only.

@@ -1,6 +1,323 @@
-"""Placeholder until the fused SGE lands (issue 5): selecting it is an explicit error."""
+"""The fused SGE (issue 5): the reference's numbers at close to ResNet's time and memory.
+
+Why: autograd through the reference (``sge/layer.py``) keeps several full-size tensors per
+block and allocates several more; on a CPU every fresh full-size tensor also costs page
+faults (glibc hands blocks over 32 MB back to the OS), so time goes with allocations. Here
+one opaque op runs the forward with matmul-shaped passes and keeps only statistics:
+
+    chat (N, G, H*W)  the normalized per-position value     (C/G times smaller than x)
+    sigma (N, G, 1)   the unbiased std of each group's c
+    m (N, G, C/G)     the per-sample channel means g
+
+The block's last BN output ``x``, which SGE gates, is saved by nobody else; keeping it would
+cost one full tensor per block. So when SGE follows a BatchNorm2d (``defer_norm``), the op
+applies that BN itself, ``x = z * scale + shift`` from the conv output ``z`` and the batch
+statistics, without ever storing ``x``: the forward allocates only ``y`` (where ResNet
+allocates the BN output) and the backward recomputes ``x`` from ``z``, which BN's backward
+needs anyway. Batch statistics come from ``torch.batch_norm_update_stats``, once per
+forward, so running statistics update exactly once per step; BN's backward is ATen's own.
+
+Hand-derived SGE backward, per sample and group, K = C/G channels, P = H*W positions,
+s = sigmoid(gamma * chat + beta), dof = max(P - 1, 1):
+
+    ds_p   = sum_k dy_kp x_kp                 da = ds * s * (1 - s)
+    dgamma = sum da * chat                    dbeta = sum da
+    dc_p   = gamma / (sigma + eps) * (da_p - mean(da)) - gamma * chat_p * sum(da*chat) / (dof*sigma)
+    dx_kp  = dy_kp s_p + m_k dc_p + (1/P) sum_q dc_q x_kq
+
+Since sum_p dc_p = 0, the last term is scale_k/P * sum_q dc_q z_kq. At sigma = 0 (H*W = 1 or
+a constant map) chat is 0, and so is the normalization's share of the gradient.
+
+Both passes are ``torch.library`` custom ops, so a whole-model ``torch.compile`` sees SGE as
+one opaque call instead of compiling its many reductions, and autocast cannot downcast the
+statistics: they are computed in float32 (float64 for float64 inputs) like the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from sge.layer import EPS, check_groups
 
 
-class FusedSpatialGroupEnhance:  # pragma: no cover - replaced by issue 5
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("sge_impl='fused' is not implemented yet; use 'reference'")
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _keep_format(out: Tensor, like: Tensor) -> Tensor:
+    """Give ``out`` (contiguous) the channels_last format when ``like`` has it."""
+    if not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _affine(bn_weight, bn_bias, mean, invstd, ct):
+    """Per-channel ``(scale, shift)`` with ``BN(z) = z * scale + shift``; None without BN."""
+    if mean is None:
+        return None, None
+    scale = invstd.to(ct) if bn_weight is None else invstd.to(ct) * bn_weight.to(ct)
+    shift = -mean.to(ct) * scale
+    return scale, shift if bn_bias is None else shift.add_(bn_bias.to(ct))
+
+
+def _gate(chat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    g = chat.shape[1]
+    return torch.addcmul(bias.reshape(1, g, 1).to(chat.dtype), chat,
+                         weight.reshape(1, g, 1).to(chat.dtype)).sigmoid_()
+
+
+# Per-position tensors are only C/G = 4 times smaller than the feature map in ResNet's first
+# stage (256 channels, G=64), so each elementwise op on them counts: reductions are matmuls,
+# and addcmul / sigmoid_backward fuse pairs of ops.
+
+def sge_forward(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups):
+    """Return ``(y, chat, sigma, m)`` for ``x = BN(z)`` (or ``x = z`` when ``mean`` is None).
+
+    Every output owns its storage (no views): custom-op outputs must not be views.
+    """
+    n, c, h, w = z.shape
+    k, p, ng = c // groups, h * w, n * groups
+    ct = _compute_dtype(z.dtype)
+    scale, shift = _affine(bn_weight, bn_bias, mean, invstd, ct)
+    zc = z.contiguous()
+    z3 = zc.view(ng, k, p).to(ct)
+    m = z3.mean(2).view(n, groups, k)                               # channel means of z ...
+    chat = z3.new_empty((n, groups, p))
+    if scale is None:
+        torch.bmm(m.view(ng, 1, k), z3, out=chat.view(ng, 1, p))    # c = <m, x>: one pass
+    else:  # ... and of x; c = <m * scale, z> + <m, shift>
+        m = torch.addcmul(shift.view(groups, k), m, scale.view(groups, k))
+        torch.bmm((m * scale.view(groups, k)).view(ng, 1, k), z3, out=chat.view(ng, 1, p))
+        chat.add_((m * shift.view(groups, k)).sum(2, keepdim=True))
+    # Unbiased variance; H*W == 1 gives c - mean(c) == 0 and std 0, so c_hat = 0 (reference).
+    var, cmean = torch.var_mean(chat, dim=2, correction=1 if p > 1 else 0, keepdim=True)
+    sigma = var.sqrt_()
+    chat.sub_(cmean).div_(sigma + EPS)
+    gate = _gate(chat, weight, bias).view(ng, 1, p)
+    y = torch.empty_like(zc)
+    if scale is None:
+        torch.mul(zc.view(ng, k, p), gate.to(z.dtype), out=y.view(ng, k, p))
+    else:
+        torch.addcmul(shift.view(1, c, 1), zc.view(n, c, p), scale.view(1, c, 1),
+                      out=y.view(n, c, p))
+        y.view(ng, k, p).mul_(gate)
+    return _keep_format(y, z), chat, sigma, m
+
+
+def sge_backward(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias,
+                 bn_training, bn_eps):
+    """Return ``(dz, dweight, dbias, dbn_weight, dbn_bias)``."""
+    n, c, h, w = dy.shape
+    g, p = chat.shape[1], h * w
+    k, ng, ct = c // g, n * g, chat.dtype
+    scale, shift = _affine(bn_weight, bn_bias, mean, invstd, ct)
+    z3 = z.contiguous().view(n, c, p)
+    dy3 = dy.contiguous().view(ng, k, p)
+    # One full-size scratch buffer: x * dy, and later dx.
+    if scale is None:
+        buf = z3.to(ct) * dy3.view(n, c, p)
+    else:
+        buf = torch.addcmul(shift.view(1, c, 1), z3, scale.view(1, c, 1)).mul_(dy3.view(n, c, p))
+    ds = buf.view(ng, k, p).sum(1)                                  # (NG, P)
+    s = _gate(chat, weight, bias)
+    da = torch.ops.aten.sigmoid_backward(ds.view(n, g, p), s)
+    da_chat = torch.bmm(da.view(ng, 1, p), chat.view(ng, p, 1)).view(n, g, 1)
+    da_sum = da.sum(2, keepdim=True)
+    da_mean = da_sum / p
+    dweight = da_chat.sum(0).view(1, g, 1, 1).to(weight.dtype, copy=True)
+    dbias = da_sum.sum(0).view(1, g, 1, 1).to(bias.dtype, copy=True)
+    # dc = gamma/(sigma+eps) * (da - mean(da) + chat * b); sigma == 0 means chat == 0 (no 0/0).
+    coef_b = -(sigma + EPS) * da_chat / torch.where(sigma > 0, sigma, 1.0).mul_(max(p - 1, 1))
+    dc = torch.addcmul(-da_mean, chat, coef_b).add_(da)
+    dc.mul_(weight.reshape(1, g, 1).to(ct) / (sigma + EPS))
+    dm = torch.bmm(z3.view(ng, k, p).to(ct), dc.view(ng, p, 1))    # (NG, K, 1)
+    if scale is not None:
+        dm = dm.view(n, c, 1).mul_(scale.view(1, c, 1)).view(ng, k, 1)
+    # dx = dy * s + dm / P, then + m (x) dc as a batched rank-1 update, into the scratch.
+    dx = buf.view(ng, k, p)
+    torch.addcmul(dm.div_(p), dy3, s.view(ng, 1, p), out=dx)
+    dx.baddbmm_(m.view(ng, k, 1), dc.view(ng, 1, p))
+    dx = dx.view(n, c, h, w).to(dy.dtype)
+    if scale is None:  # custom-op outputs cannot be None: empty stands for "no gradient"
+        return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z.contiguous(), bn_weight, mean,
+                                                    invstd, scale, bn_training, bn_eps)
+    return _keep_format(dz, dy), dweight, dbias, dbn_weight, dbn_bias
+
+
+def _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale, training, eps):
+    """BatchNorm2d's backward; on CPU it writes dz over dx (its kernel reads each element
+    before writing it), which saves a fresh full-size allocation per block."""
+    affine = bn_weight is not None
+    if training:
+        mask = [True, affine, affine]
+        if dx.device.type == "cpu":
+            dw, db = torch.empty_like(mean), torch.empty_like(mean)
+            torch.ops.aten.native_batch_norm_backward.out(
+                dx, z, bn_weight, None, None, mean, invstd, True, eps, mask,
+                out0=dx, out1=dw, out2=db)
+            dz = dx
+        else:
+            dz, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dx, z, bn_weight, None, None, mean, invstd, True, eps, mask)
+    else:  # running statistics: BN is a fixed per-channel affine map
+        dims = (0, 2, 3)
+        db = dx.sum(dims, dtype=scale.dtype)
+        dw = (dx * z).sum(dims, dtype=scale.dtype).sub_(mean * db).mul_(invstd)
+        dz = dx.mul(scale.view(1, -1, 1, 1).to(dx.dtype))
+    if not affine:
+        return dz, dz.new_empty(0), dz.new_empty(0)
+    return dz, dw.to(bn_weight.dtype), db.to(bn_weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Opaque ops: eager calls run the functions above; torch.compile sees one node each.
+
+@torch.library.custom_op("sge::fused_forward", mutates_args=())
+def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   mean: Optional[Tensor], invstd: Optional[Tensor], weight: Tensor,
+                   bias: Tensor, groups: int, bn_training: bool, bn_eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # bn_training/bn_eps are only kept for the backward.
+    with torch.autocast(z.device.type, enabled=False):
+        return sge_forward(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups)
+
+
+@_fused_forward.register_fake
+def _(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups, bn_training, bn_eps):
+    n, c, h, w = z.shape
+    ct = _compute_dtype(z.dtype)
+    return (torch.empty_like(z), z.new_empty((n, groups, h * w), dtype=ct),
+            z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
+
+
+@torch.library.custom_op("sge::fused_backward", mutates_args=())
+def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
+                    bn_bias: Optional[Tensor], mean: Optional[Tensor],
+                    invstd: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
+                    weight: Tensor, bias: Tensor, bn_training: bool, bn_eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with torch.autocast(dy.device.type, enabled=False):
+        return sge_backward(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight,
+                            bias, bn_training, bn_eps)
+
+
+@_fused_backward.register_fake
+def _(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias, bn_training,
+      bn_eps):
+    def like(t):
+        return torch.empty_like(t) if t is not None and mean is not None else dy.new_empty(0)
+    return (torch.empty_like(dy), torch.empty_like(weight), torch.empty_like(bias),
+            like(bn_weight), like(bn_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    z, bn_weight, bn_bias, mean, invstd, weight, bias, _, bn_training, bn_eps = inputs
+    _, chat, sigma, m = output
+    ctx.save_for_backward(z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias)
+    ctx.bn = (bn_training, bn_eps)
+
+
+def _backward(ctx, dy, *_stat_grads):
+    z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias = ctx.saved_tensors
+    dz, dweight, dbias, dbn_weight, dbn_bias = _fused_backward(
+        dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias, *ctx.bn)
+    if dbn_weight.numel() == 0:
+        dbn_weight = dbn_bias = None
+    return dz, dbn_weight, dbn_bias, None, None, dweight, dbias, None, None, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+
+class DeferredBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d applied by the fused SGE right after it (see ``defer_norm``).
+
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm2d``; its own forward
+    passes the input through unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
+    """``(mean, invstd)`` that ``norm(z)`` would use, updating running statistics as
+    ``nn.BatchNorm2d.forward`` does (once per call)."""
+    if norm.training or not norm.track_running_stats:
+        momentum = norm.momentum if norm.momentum is not None else 0.0
+        if norm.training and norm.track_running_stats:
+            norm.num_batches_tracked.add_(1)
+            if norm.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(norm.num_batches_tracked)
+        track = norm.training and norm.track_running_stats
+        mean, var = torch.batch_norm_update_stats(
+            z.detach(), norm.running_mean if track else None,
+            norm.running_var if track else None,
+            momentum)
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    return mean, torch.rsqrt(var + norm.eps)
+
+
+class FusedSpatialGroupEnhance(nn.Module):
+    """Drop-in for ``SpatialGroupEnhance``: same parameters, keys and outputs.
+
+    Standalone it saves its input for the backward. After ``defer_norm(block, "bn3")`` it
+    applies ``block.bn3`` itself (which becomes a ``DeferredBatchNorm2d``) and saves nothing
+    full-size beyond the conv output that BN keeps anyway. If that norm is later replaced
+    (e.g. by ``SyncBatchNorm.convert_sync_batchnorm``), the block applies it again and this
+    module falls back to the standalone path.
+    """
+
+    def __init__(self, channels: int, groups: int = 64, device=None, dtype=None):
+        super().__init__()
+        check_groups(channels, groups)
+        self.channels = channels
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1, device=device, dtype=dtype))
+        # Plain attribute, not a submodule: the norm stays registered (and keyed) in its block.
+        self.__dict__["_norm_owner"] = None
+
+    def defer_norm(self, block: nn.Module, name: str) -> None:
+        """Take over ``block.<name>``, the BatchNorm2d right before this module."""
+        norm = getattr(block, name)
+        if type(norm) is not nn.BatchNorm2d or norm.num_features != self.channels:
+            raise ValueError(f"can only fuse an nn.BatchNorm2d({self.channels}) before SGE, "
+                             f"got {norm!r} at {name!r}")
+        deferred = DeferredBatchNorm2d(
+            norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+            track_running_stats=norm.track_running_stats, device=norm.running_mean.device,
+            dtype=norm.running_mean.dtype)
+        deferred.load_state_dict(norm.state_dict())
+        deferred.train(norm.training)
+        setattr(block, name, deferred)
+        self.__dict__["_norm_owner"] = (block, name)
+
+    def _deferred_norm(self) -> Optional[DeferredBatchNorm2d]:
+        if self._norm_owner is None:
+            return None
+        norm = getattr(*self._norm_owner)
+        return norm if type(norm) is DeferredBatchNorm2d else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"SGE built for {self.channels} channels got {x.shape[1]}")
+        norm = self._deferred_norm()
+        if norm is None:
+            bn, stats, bn_args = (None, None), (None, None), (False, 0.0)
+        else:  # x is the conv output; BN happens inside the op
+            bn, stats = (norm.weight, norm.bias), _batch_stats(norm, x)
+            bn_args = (norm.training or not norm.track_running_stats, norm.eps)
+        return _fused_forward(x, *bn, *stats, self.weight, self.bias, self.groups, *bn_args)[0]
+
+    def extra_repr(self) -> str:
+        fused = self._norm_owner is not None
+        return f"channels={self.channels}, groups={self.groups}, norm_fused={fused}"

@@ -1,0 +1,250 @@
+"""What SGE costs: ResNet50 vs SGE-ResNet50 (reference) vs SGE-ResNet50 (fused), side by side.
+
+    python scripts/bench_sge.py                          # batch 16, 224 px, 5 repeats
+    python scripts/bench_sge.py --batch 2 --img 64 --repeats 1 --steps 1 --measure train,infer
+    python scripts/bench_sge.py --device cuda --batch 64 --amp float16 --channels-last
+
+Measurements (``--measure``): ``train`` (forward+backward+SGD step, eager, with peak
+memory), ``infer`` (forward under no_grad, eval mode), ``compiled`` (the same train step
+with whole-model ``torch.compile``: compile time and compiled step time). Each measurement
+runs in its own subprocess (peak memory is per process; compile caches are not shared), the
+three models interleaved within each repeat; figures are medians over repeats. A
+measurement past ``--cap`` seconds is recorded as null (and not retried in later repeats).
+Peak memory: peak RSS of the process on CPU, ``max_memory_allocated`` on CUDA.
+
+Prints a table, then as its last line one JSON object with every figure and the ratios
+``{fused,reference}_{train_time,peak_mem,infer_time,compiled_step,compile_time}_ratio``
+(over ResNet50).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {  # row name -> (model name, sge_impl)
+    "resnet50": ("resnet50", None),
+    "sge_resnet50_reference": ("sge_resnet50", "reference"),
+    "sge_resnet50_fused": ("sge_resnet50", "fused"),
+}
+MEASURES = ("train", "infer", "compiled")
+# figure -> (measurement, field in the worker's answer)
+FIGURES = {
+    "train_time": ("train", "step_s"),
+    "peak_mem": ("train", "peak_mem_mb"),
+    "infer_time": ("infer", "step_s"),
+    "compile_time": ("compiled", "compile_s"),
+    "compiled_step": ("compiled", "step_s"),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16, help="images per step")
+    ap.add_argument("--img", type=int, default=224, help="image side in pixels")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (medians)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    ap.add_argument("--measure", default="train,infer,compiled",
+                    help=f"comma-separated subset of {','.join(MEASURES)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {','.join(VARIANTS)}")
+    ap.add_argument("--cap", type=float, default=900.0, help="seconds per measurement")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", default="none", choices=("none", "bfloat16", "float16"),
+                    help="autocast dtype")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for name, allowed in (("measure", MEASURES), ("variants", VARIANTS)):
+        chosen = getattr(args, name).split(",")
+        bad = [c for c in chosen if c not in allowed]
+        if bad:
+            ap.error(f"--{name}: unknown {bad}; choose from {','.join(allowed)}")
+        setattr(args, name, chosen)
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Worker: one measurement in this process.
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import models
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    name, impl = VARIANTS[spec["variant"]]
+    kwargs = {"sge_impl": impl} if impl else {}
+    model = models.create_model(name, **kwargs).to(device, memory_format=fmt)
+    x = torch.randn(spec["batch"], 3, spec["img"], spec["img"], device=device)
+    x = x.contiguous(memory_format=fmt)
+    labels = torch.randint(0, 1000, (spec["batch"],), device=device)
+    amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] != "none" else None
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    train = spec["measure"] != "infer"
+    model.train(train)
+    net = torch.compile(model) if spec["measure"] == "compiled" else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=spec["amp"] == "float16")
+
+    def step():
+        if not train:
+            with torch.no_grad(), autocast:
+                net(x)
+            return
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(net(x), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    setup_mb = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    timed = times[spec["warmup"]:] or times
+    out = {"step_s": statistics.median(timed), "first_step_s": times[0]}
+    if spec["measure"] == "compiled":
+        out["compile_s"] = max(times[0] - out["step_s"], 0.0)
+    if cuda:
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["setup_mem_mb"] = setup_mb
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Driver: interleave subprocesses, take medians, print.
+
+def measure(spec: dict, cap: float) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        print(f"  {spec['variant']} {spec['measure']}: over the {cap:.0f} s cap -> null",
+              file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"  {spec['variant']} {spec['measure']}: failed -> null\n{tail}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def collect(args) -> dict:
+    base = {k: getattr(args, k) for k in ("batch", "img", "steps", "warmup", "threads",
+                                          "device", "amp", "channels_last")}
+    runs = {(v, m): [] for v in args.variants for m in args.measure}
+    dead = set()  # measurements that hit the cap or failed once: not retried
+    jobs = [(v, m) for m in args.measure for v in args.variants]
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=args.repeats * len(jobs), desc="measurements", file=sys.stderr)
+    except ImportError:  # progress is a nicety
+        bar = None
+    for r in range(args.repeats):
+        # Rotate the order so no variant always runs right after the same neighbour.
+        for v, m in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
+            if (v, m) not in dead:
+                res = measure({**base, "variant": v, "measure": m}, args.cap)
+                if res is None:
+                    dead.add((v, m))
+                else:
+                    runs[v, m].append(res)
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    figures = {}
+    for v in args.variants:
+        figures[v] = {}
+        for fig, (m, field) in FIGURES.items():
+            vals = [r[field] for r in runs.get((v, m), []) if field in r]
+            ok = (v, m) not in dead and vals
+            figures[v][fig] = statistics.median(vals) if ok else None
+            if fig in ("train_time", "infer_time", "compiled_step"):
+                figures[v][fig + "_all"] = vals
+    return figures
+
+
+def ratios(figures: dict) -> dict:
+    out = {}
+    base = figures.get("resnet50", {})
+    for prefix, v in (("fused", "sge_resnet50_fused"), ("reference", "sge_resnet50_reference")):
+        for fig in FIGURES:
+            a, b = figures.get(v, {}).get(fig), base.get(fig)
+            out[f"{prefix}_{fig}_ratio"] = round(a / b, 4) if a is not None and b else None
+    return out
+
+
+def print_table(figures: dict, rat: dict) -> None:
+    cols = [("train_time", "train s/step", 3), ("infer_time", "infer s/batch", 3),
+            ("peak_mem", "peak MB", 0), ("compile_time", "compile s", 1),
+            ("compiled_step", "compiled s/step", 3)]
+    head = f"{'model':<24}" + "".join(f"{title:>18}" for _, title, _ in cols)
+    print(head)
+    print("-" * len(head))
+    for v, figs in figures.items():
+        cells = []
+        for fig, _, digits in cols:
+            val = figs.get(fig)
+            if val is None:
+                cells.append(f"{'null':>18}")
+                continue
+            prefix = {"sge_resnet50_fused": "fused", "sge_resnet50_reference": "reference"}
+            r = rat.get(f"{prefix[v]}_{fig}_ratio") if v in prefix else 1.0
+            rtxt = f" ({r:.3f}x)" if r is not None else ""
+            cells.append(f"{val:.{digits}f}{rtxt}".rjust(18))
+        print(f"{v:<24}" + "".join(cells))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+    if args.device == "cpu" and (args.amp != "none" or args.channels_last):
+        print("note: AMP/channels_last on CPU are measured but are not the GPU rows",
+              file=sys.stderr)
+    figures = collect(args)
+    rat = ratios(figures)
+    print(f"batch {args.batch}, {args.img} px, {args.device}, {args.threads} threads, "
+          f"amp={args.amp}, channels_last={args.channels_last}, medians of {args.repeats} "
+          f"interleaved repeats x {args.steps} steps; ratios to resnet50 in parentheses")
+    print_table(figures, rat)
+    config = {k: getattr(args, k) for k in ("batch", "img", "repeats", "steps", "warmup",
+                                            "threads", "device", "amp", "channels_last",
+                                            "measure", "cap")}
+    print(json.dumps({"config": config, "results": figures, **rat}))
+
+
+if __name__ == "__main__":
+    main()
