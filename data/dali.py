@@ -202,6 +202,9 @@ class DaliLoader:
         self.bad_files: set[str] = set()
         self.out_device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         n = len(samples)
+        if train and train_batches(n, world, batch_size) == 0:
+            raise ValueError(f"train split has {n} images, fewer than one global batch "
+                             f"({world} processes x {batch_size}); lower data.batch_size")
         if train:
             self.num_samples = train_batches(n, world, batch_size) * batch_size
             self.total_samples = self.num_samples * world

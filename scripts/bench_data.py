@@ -128,10 +128,43 @@ def measure(kind: str, root: Path, workers: int, batch: int, warmup: int) -> dic
     return {"img_per_s": timed / wall, "cpu_ms_per_img": 1000 * cpu / images, "images": timed}
 
 
+def agreement(root: Path, images: int) -> dict:
+    """DALI vs the torchvision presets on the same files: |difference| in normalized units.
+
+    Train compares the same crop windows and flips (both draw them from (seed, epoch,
+    index)), so what is left in either split is decoder and resampler rounding.
+    """
+    import torch
+
+    from data.dali import build_dali_loader
+    from data.folder import load_rgb, scan_split
+    from data.presets import (IMAGENET_MEAN, IMAGENET_STD, TrainPreset, ValPreset,
+                              sample_rng)
+    from data.sharding import train_indices
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    result = {}
+    for split, preset in (("train", TrainPreset(224)), ("val", ValPreset(256, 224))):
+        classes, samples = scan_split(root, split)
+        samples = samples[:images]
+        loader = build_dali_loader(samples, classes, split, 32, threads=2, device="cpu")
+        dali = torch.cat([x for x, _ in loader])
+        order = (train_indices(len(samples), 0, 0, 0, 1, 32) if split == "train"
+                 else range(len(samples)))
+        ref = torch.stack([preset(load_rgb(samples[i][0]), sample_rng(0, 0, i))
+                           for i in order]).float()
+        diff = (dali - (ref - mean) / std).abs()
+        result[f"dali_{split}_mean_abs_diff"] = round(diff.mean().item(), 5)
+        result[f"dali_{split}_max_abs_diff"] = round(diff.max().item(), 4)
+        result[f"dali_{split}_images_compared"] = len(dali)
+    return result
+
+
 def _child(kind: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--measure", kind, "--data", str(args.data),
            "--workers", str(args.workers), "--batch", str(args.batch),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--agreement", str(args.agreement)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cap, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -141,8 +174,9 @@ def _child(kind: str, args) -> dict | None:
         print(f"  {kind} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {kind}: {result['img_per_s']:.1f} img/s, "
-          f"{result['cpu_ms_per_img']:.1f} CPU ms/img", file=sys.stderr)
+    if "img_per_s" in result:
+        print(f"  {kind}: {result['img_per_s']:.1f} img/s, "
+              f"{result['cpu_ms_per_img']:.1f} CPU ms/img", file=sys.stderr)
     return result
 
 
@@ -193,6 +227,12 @@ def print_table(result: dict) -> None:
         row = ["null" if v is None else v for v in row]
         print(f"{split:<6}{row[0]:>18}{row[1]:>12}{row[2]:>9}{row[3]:>15}{row[4]:>17}"
               f"{row[5]:>12}")
+    for split in ("train", "val"):
+        if f"dali_{split}_mean_abs_diff" in result:
+            print(f"{split} tensors, DALI vs torchvision on the same "
+                  f"{result[f'dali_{split}_images_compared']} files: mean |diff| "
+                  f"{result[f'dali_{split}_mean_abs_diff']}, max "
+                  f"{result[f'dali_{split}_max_abs_diff']} (normalized units)")
 
 
 def main(argv=None) -> int:
@@ -207,9 +247,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cap", type=float, default=300, help="seconds per measurement")
     parser.add_argument("--generate", type=int, nargs=2, default=(640, 640),
                         metavar=("TRAIN", "VAL"), help="images to generate per split")
-    parser.add_argument("--measure", choices=KINDS, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--agreement", type=int, default=128,
+                        help="images compared DALI vs torchvision per split (0: skip)")
+    parser.add_argument("--measure", choices=KINDS + ("agreement",),
+                        help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    if args.measure == "agreement":
+        print(json.dumps(agreement(args.data, args.agreement)))
+        return 0
     if args.measure:
         print(json.dumps(measure(args.measure, args.data, args.workers, args.batch,
                                  args.warmup)))
@@ -225,6 +271,8 @@ def main(argv=None) -> int:
         for kind in KINDS:
             runs[kind].append(_child(kind, args))
     result = summarize(runs, args)
+    if args.agreement:
+        result.update(_child("agreement", args) or {})
     print_table(result)
     print(json.dumps(result))
     return 0
