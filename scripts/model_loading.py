@@ -53,8 +53,13 @@ def config_from_checkpoint(raw) -> dict | None:
 
 def model_only_config(cfg_dict: dict):
     """A Config with just the run's model section: the data root, GPUs or AMP of the
-    machine that trained need not exist here to rebuild its model."""
-    model = dict(cfg_dict.get("model", {}), sync_bn=False, compile=False)
+    machine that trained need not exist here to rebuild its model.
+
+    SGE is always the reference implementation here: the tools run a few images on a CPU,
+    the weights are the same for both, and the fused one applies the block's last BN
+    inside itself, so a hook on it would see the conv output instead of SGE's real input.
+    """
+    model = dict(cfg_dict.get("model", {}), sync_bn=False, compile=False, sge_impl="reference")
     return from_dict({"model": model})
 
 
