@@ -10,11 +10,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from PIL import Image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched case-insensitively (ImageNet: .JPEG)
 
 
 class DatasetError(ValueError):
     """A malformed dataset folder; the message names the path."""
+
+
+class BadImageError(DatasetError):
+    """One image file that cannot be decoded; the message names the file."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image (grayscale, CMYK, palette, PNG named .JPEG all work).
+
+    Any decoding failure (truncated, zero-byte, not an image, decompression bomb) becomes a
+    ``BadImageError`` naming the file, so the caller can stop or skip with one clear line.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, ... per format
+        raise BadImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
