@@ -79,7 +79,8 @@ class RunLog:
             fh.write(json.dumps(row) + "\n")
         if self.writer is not None:
             prefix = row["split"] if row["split"] == "train" else f"{row['split']}_{row['weights']}"
-            for key in ("loss", "top1", "top5", "img_per_s", "lr", "data_wait"):
+            for key in ("loss", "top1", "top5", "img_per_s", "lr", "data_wait",
+                        "skipped_nonfinite", "scaler_skipped"):
                 if row.get(key) is not None:
                     self.writer.add_scalar(f"{prefix}/{key}", row[key], row["step"])
             self.writer.flush()
