@@ -28,7 +28,6 @@ import collections
 import io
 import logging
 import math
-import os
 
 import numpy as np
 import torch
