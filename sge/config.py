@@ -302,6 +302,9 @@ def validate(cfg: Config) -> None:
             cfg.sched.milestones != sorted(cfg.sched.milestones):
         raise ConfigError(f"config key 'sched.milestones' must be increasing non-negative "
                           f"ints, got {cfg.sched.milestones}")
+    if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.data.batch_size % 2:
+        raise ConfigError(f"config key 'data.batch_size'={cfg.data.batch_size} must be even "
+                          f"with mixup/cutmix (timm pairs each image with its mirror)")
     if cfg.data.val_img_size > cfg.data.val_resize:
         raise ConfigError(f"config key 'data.val_img_size'={cfg.data.val_img_size} exceeds "
                           f"'data.val_resize'={cfg.data.val_resize}")

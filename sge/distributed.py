@@ -57,8 +57,13 @@ def sum_tensor(values: torch.Tensor) -> torch.Tensor:
     Evaluation calls it once, after its loop: the val shards differ in length, so a
     collective inside the loop would deadlock.
     """
-    if is_dist():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    if not is_dist():
+        return values
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":  # NCCL: GPU tensors only
+        on_gpu = values.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return values.copy_(on_gpu)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

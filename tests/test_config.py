@@ -55,6 +55,12 @@ def test_impossible_values_name_key(override, key):
         load_config(None, [override])
 
 
+def test_mixup_needs_an_even_batch():
+    with pytest.raises(ConfigError, match=r"'data.batch_size'=7 must be even"):
+        load_config(None, ["train.mixup=0.2", "data.batch_size=7"])
+    load_config(None, ["train.mixup=0.2", "data.batch_size=8"])
+
+
 def test_choice_error_suggests_nearest():
     with pytest.raises(ConfigError, match="did you mean 'bfloat16'"):
         load_config(None, ["amp.dtype=bfloat61"])
