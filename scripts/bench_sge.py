@@ -22,9 +22,11 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,17 +148,28 @@ def run_worker(spec: dict) -> dict:
 
 def measure(spec: dict, cap: float) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, cwd=ROOT)
-    except subprocess.TimeoutExpired:
+    # A fresh Inductor/Triton cache per process: an on-disk cache hit is not a compile.
+    with tempfile.TemporaryDirectory(prefix="bench_sge_") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
+               "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+        # Own session: on timeout the whole group goes, Inductor's compile workers included.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=ROOT, env=env, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=cap)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            stdout = None
+    if stdout is None:
         print(f"  {spec['variant']} {spec['measure']}: over the {cap:.0f} s cap -> null",
               file=sys.stderr)
         return None
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
         print(f"  {spec['variant']} {spec['measure']}: failed -> null\n{tail}", file=sys.stderr)
         return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def collect(args) -> dict:

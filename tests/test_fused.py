@@ -1,0 +1,213 @@
+"""The fused SGE (sge/fused.py) against the reference layer and the reference model.
+
+The reference ``SpatialGroupEnhance`` (plain autograd through the paper's formula) is the
+independent oracle; H*W == 1 is also checked against the closed form y = x * sigmoid(beta).
+"""
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import models
+from sge import SpatialGroupEnhance
+from sge.fused import DeferredBatchNorm2d, FusedSpatialGroupEnhance
+
+# (N, C, H, W, G): odd sizes, H*W == 1, one channel per group, a large batch.
+SHAPES = [(2, 16, 5, 7, 4), (3, 8, 1, 1, 2), (1, 12, 3, 1, 3), (2, 6, 1, 9, 6),
+          (67, 8, 3, 2, 4), (2, 32, 7, 7, 8)]
+NARROW = dict(channels=(8, 16, 32, 64), stem_width=8, groups=4, num_classes=10)
+
+
+def _pair(c, g, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ref = SpatialGroupEnhance(c, g).to(dtype)
+    with torch.no_grad():  # non-trivial gamma/beta (gamma=0 at init would hide the path)
+        ref.weight.copy_(torch.randn(ref.weight.shape, generator=gen, dtype=dtype))
+        ref.bias.copy_(torch.randn(ref.bias.shape, generator=gen, dtype=dtype))
+    fused = FusedSpatialGroupEnhance(c, g).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _run(module, x, dy):
+    x = x.detach().requires_grad_()
+    y = module(x)
+    grads = torch.autograd.grad(y, [x, module.weight, module.bias], dy)
+    return (y, *grads)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_matches_reference(shape, dtype):
+    n, c, h, w, g = shape
+    ref, fused = _pair(c, g, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype) * 2 + 0.5
+    dy = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, b in zip(_run(fused, x, dy), _run(ref, x, dy)):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, **tol)
+
+
+def test_single_position_is_closed_form():
+    # H*W == 1: c - mean(c) == 0, so c_hat = 0 and y = x * sigmoid(beta), whatever gamma.
+    _, fused = _pair(8, 4, torch.float64)
+    x = torch.randn(5, 8, 1, 1, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    y, dx, dgamma, dbeta = _run(fused, x, dy)
+    s = torch.sigmoid(fused.bias.detach()).repeat_interleave(2, dim=1)
+    assert_close(y, x * s)
+    assert_close(dx, dy * s)
+    assert_close(dgamma, torch.zeros_like(dgamma))
+    expect = (dy * x * s * (1 - s)).reshape(5, 4, 2).sum((0, 2)).view(1, 4, 1, 1)
+    assert_close(dbeta, expect)
+
+
+def _bound(c=6, g=3, training=True):
+    """A BatchNorm2d + fused SGE pair in float64, with non-trivial BN parameters."""
+    block = nn.Module()
+    block.bn = nn.BatchNorm2d(c).double()
+    block.se = FusedSpatialGroupEnhance(c, g).double()
+    with torch.no_grad():
+        for p in (block.bn.weight, block.bn.bias, block.se.weight, block.se.bias,
+                  block.bn.running_mean):
+            p.copy_(torch.randn_like(p))
+        block.bn.running_var.uniform_(0.5, 2.0)
+    block.se.defer_norm(block, "bn")
+    return block.train(training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(training):
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    _, solo = _pair(6, 3, torch.float64)
+    assert torch.autograd.gradcheck(solo, (x,))
+    block = _bound(training=training)
+    params = (block.bn.weight, block.bn.bias, block.se.weight, block.se.bias)
+
+    def fn(x, *_params):  # gradcheck perturbs the parameters in place: the module sees it
+        return block.se(block.bn(x))
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def _models(dtype=torch.float64):
+    torch.manual_seed(0)
+    ref = models.create_model("sge_resnet18", sge_impl="reference", **NARROW).to(dtype)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("se.weight", "se.bias")):
+                p.copy_(torch.randn_like(p))
+    fused = models.create_model("sge_resnet18", sge_impl="fused", **NARROW).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _train_step(model, x, labels):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out = model(x)
+    nn.functional.cross_entropy(out, labels).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    return out, grads
+
+
+def test_model_train_step_matches_reference():
+    ref, fused = _models()
+    assert list(ref.state_dict()) == list(fused.state_dict())  # checkpoint keys unchanged
+    assert isinstance(fused.layer1[0].bn2, DeferredBatchNorm2d)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,))
+    out_r, grads_r = _train_step(ref, x, labels)
+    out_f, grads_f = _train_step(fused, x, labels)
+    assert_close(out_f, out_r)
+    for name in grads_r:
+        assert_close(grads_f[name], grads_r[name], msg=name)
+    # BN running statistics updated exactly once, like the reference; parameters equal.
+    state_r, state_f = ref.state_dict(), fused.state_dict()
+    for key in state_r:
+        assert_close(state_f[key], state_r[key], msg=key)
+    assert int(state_f["layer1.0.bn2.num_batches_tracked"]) == 1
+    # Eval mode uses the running statistics.
+    ref.eval()
+    fused.eval()
+    assert_close(fused(x), ref(x))
+
+
+def test_replaced_norm_falls_back():
+    # E.g. SyncBatchNorm.convert_sync_batchnorm swaps the deferred BN for a real one: the
+    # block then applies it and SGE must not apply it a second time.
+    ref, fused = _models()
+    block = fused.layer2[1]
+    plain = nn.BatchNorm2d(block.bn2.num_features).double()
+    plain.load_state_dict(block.bn2.state_dict())
+    block.bn2 = plain
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert_close(fused(x), ref(x))
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_autocast_close_to_float32(amp):
+    ref, fused = _models(torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expect = ref(x)
+    try:
+        with torch.autocast("cpu", dtype=amp):
+            out = fused(x)
+            with torch.no_grad():
+                out_ref = ref(x)
+    except RuntimeError as err:  # fp16 autocast on CPU needs a recent oneDNN
+        pytest.skip(f"{amp} autocast unsupported on this CPU build: {err}")
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+    # Half-precision convs alone move these logits by ~0.4 (bf16): no worse than the reference.
+    ref_err = (out_ref.float() - expect).abs().max()
+    assert (out.float() - expect).abs().max() <= 1.5 * ref_err + 0.02
+    # The layer itself: statistics in float32, so only the output rounding differs.
+    _, layer = _pair(16, 4, torch.float32)
+    x16 = (torch.randn(3, 16, 6, 5) * 3).to(amp)
+    with torch.autocast("cpu", dtype=amp):
+        y16 = layer(x16)
+    assert y16.dtype == amp
+    assert_close(y16.float(), layer(x16.float()), rtol=1e-2, atol=1e-2)
+
+
+def test_channels_last():
+    ref, fused = _models()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = fused.to(memory_format=torch.channels_last)
+    x_cl = x.clone().requires_grad_()
+    out = fused(x_cl.contiguous(memory_format=torch.channels_last))
+    assert_close(out, ref(x))
+    sge = FusedSpatialGroupEnhance(16, 4).double()
+    y = sge(torch.randn(2, 16, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    assert torch.isfinite(x_cl.grad).all()
+
+
+def test_traces_as_one_graph():
+    # fullgraph: no graph break; aot_eager runs AOTAutograd on the custom ops (no codegen).
+    ref, fused = _models()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = compiled(x)
+    out.sum().backward()
+    out_ref = ref(x)
+    out_ref.sum().backward()
+    assert_close(out, out_ref)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert_close(q.grad, p.grad, msg=name)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="groups=5"):
+        FusedSpatialGroupEnhance(16, 5)
+    with pytest.raises(ValueError, match="16 channels got 8"):
+        FusedSpatialGroupEnhance(16, 4)(torch.randn(1, 8, 2, 2))
+    block = nn.Module()
+    block.norm = nn.GroupNorm(2, 16)
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        FusedSpatialGroupEnhance(16, 4).defer_norm(block, "norm")
