@@ -271,9 +271,9 @@ class DaliLoader:
         paths = [p for _, batch in inflight for p in batch]
         culprits = {p: why for p in paths if (why := decode_error(p)) is not None}
         if not culprits:
-            raise DatasetError(f"DALI failed on the {len(paths)} files from {paths[0]} to "
-                               f"{paths[-1]} but decodes each alone on the CPU: "
-                               f"{dali_reason(exc)}") from None
+            where = (f"the {len(paths)} files from {paths[0]} to {paths[-1]}, each of which "
+                     f"decodes alone on the CPU" if paths else "no file in flight")
+            raise DatasetError(f"DALI pipeline failed ({where}): {dali_reason(exc)}") from None
         for path, why in culprits.items():
             self.bad_file(path, BadImageError(f"cannot decode image {path}: {why}"))
 
