@@ -36,7 +36,7 @@ class ModelCfg:
     name: str = _f("sge_resnet50", "registry name (models.list_models())")
     groups: int = _f(64, "SGE group count G; must divide every block's output channels", min=1)
     num_classes: int = _f(1000, "classifier outputs", min=1)
-    sge_impl: str = _f("reference", "SGE implementation", choices=("reference", "fused"))
+    sge_impl: str = _f("fused", "SGE implementation", choices=("reference", "fused"))
     channels: list = _f([], "per-stage base widths for narrow models; [] = (64,128,256,512)")
     stem_width: int = _f(64, "timm stem_width (acts on deep stems only; the 7x7 stem is 64 wide)",
                          min=1)
@@ -245,8 +245,11 @@ def _apply_override(data: dict, override: str) -> None:
         value = raw
     node = data
     parts = key.split(".")
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # e.g. the file says `model: 5`
+            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' must be a mapping, "
+                              f"got {type(node).__name__} {node!r}")
     node[parts[-1]] = value
 
 

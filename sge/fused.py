@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sge.layer import EPS, check_groups
+from sge.layer import EPS, SpatialGroupEnhance
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -266,8 +266,8 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
     return mean, torch.rsqrt(var + norm.eps)
 
 
-class FusedSpatialGroupEnhance(nn.Module):
-    """Drop-in for ``SpatialGroupEnhance``: same parameters, keys and outputs.
+class FusedSpatialGroupEnhance(SpatialGroupEnhance):
+    """The reference layer's parameters, keys and outputs, computed by the fused ops.
 
     Standalone it saves its input for the backward. After ``defer_norm(block, "bn3")`` it
     applies ``block.bn3`` itself (which becomes a ``DeferredBatchNorm2d``) and saves nothing
@@ -277,12 +277,7 @@ class FusedSpatialGroupEnhance(nn.Module):
     """
 
     def __init__(self, channels: int, groups: int = 64, device=None, dtype=None):
-        super().__init__()
-        check_groups(channels, groups)
-        self.channels = channels
-        self.groups = groups
-        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1, device=device, dtype=dtype))
+        super().__init__(channels, groups, device=device, dtype=dtype)
         # Plain attribute, not a submodule: the norm stays registered (and keyed) in its block.
         self.__dict__["_norm_owner"] = None
 
@@ -319,5 +314,4 @@ class FusedSpatialGroupEnhance(nn.Module):
         return _fused_forward(x, *bn, *stats, self.weight, self.bias, self.groups, *bn_args)[0]
 
     def extra_repr(self) -> str:
-        fused = self._norm_owner is not None
-        return f"channels={self.channels}, groups={self.groups}, norm_fused={fused}"
+        return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"
