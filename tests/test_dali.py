@@ -199,3 +199,20 @@ def test_importing_the_backend_does_not_load_dali():
     code = "import sys, data, data.dali; assert 'nvidia.dali' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[1])
+
+
+@needs_dali
+def test_build_loader_dispatches_config_keys(root):
+    from data import build_loader
+    from sge.config import load_config
+
+    cfg = load_config(None, [f"data.root={root}", "data.backend=dali", "data.batch_size=5",
+                             "data.val_resize=48", "data.val_img_size=40", "data.img_size=24",
+                             "data.workers=1", "model.num_classes=3", "seed=7"])
+    val, train = build_loader(cfg, "val"), build_loader(cfg, "train")
+    assert isinstance(val, dali_backend.DaliLoader) and val.device == "cpu"
+    assert (val.batch_size, val.threads, len(val), val.total_samples) == (5, 1, 3, 13)
+    assert val.classes == CLASSES
+    direct = _collect(_loader(root, "val", batch_size=5)[0])[1]
+    assert torch.equal(_collect(val)[1], direct)
+    assert next(iter(train))[0].shape == (5, 3, 24, 24)
