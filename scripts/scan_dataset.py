@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     bad_kinds = ERRORS + (WARNINGS if args.strict else ())
     moved = {src for src, _ in report["moved"]}
     left = [r for r in report["files"] if r["kind"] in bad_kinds and r["path"] not in moved]
+    if left:
+        print(f"{len(left)} file(s) would stop training: move them aside with --move-bad DIR, "
+              f"or train with data.on_bad_file=skip")
     return 1 if left or report["empty_classes"] or report["val_only_classes"] else 0
 
 
