@@ -46,14 +46,19 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text:
-            reason = ("refused: it holds pickled objects other than tensors and plain data, "
-                      "which could run code when loaded")
+        code = re.search(r"GLOBAL ([\w.]+)", text)  # weights_only met a class or function
+        if code:
+            reason = (f"refused: it holds a pickled {code.group(1)}, which could run code when "
+                      f"loaded (only tensors and plain data are accepted)")
         elif isinstance(exc, (EOFError, RuntimeError)) and ("zip" in text or "EOF" in text
                                                             or "central directory" in text):
             reason = "is truncated or corrupt"
+        elif "Weights only load failed" in text:  # opcodes it does not run: garbage or objects
+            reason = ("refused: its pickle data is not just tensors and plain data (a corrupt "
+                      "file, or objects that could run code when loaded)")
         else:
-            reason = f"cannot be read ({type(exc).__name__}: {text.splitlines()[0][:200]})"
+            reason = (f"is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: "
+                      f"{(text.splitlines() or [''])[0][:200]})")
         raise CheckpointError(f"checkpoint {path} {reason}") from None
 
 
@@ -67,10 +72,15 @@ def write_atomic(obj, path: str | os.PathLike) -> None:
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Writes are synchronous and by one process: an existing temp file of this target is
+        # what a process killed mid-write left behind (possibly as large as a checkpoint).
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
+            _test_fault_pause()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
@@ -85,6 +95,16 @@ def write_atomic(obj, path: str | os.PathLike) -> None:
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _test_fault_pause() -> None:
+    """Test hook (tests/faults/conftest.py lists every hook): ``SGE_TEST_FAULT=slow_write:S``
+    sleeps S seconds with the temp file written but not renamed, so a test can SIGKILL the
+    process mid-write. Without the variable (production) it does nothing."""
+    fault = os.environ.get("SGE_TEST_FAULT", "")
+    if fault.startswith("slow_write:"):
+        import time
+        time.sleep(float(fault.split(":", 1)[1]))
 
 
 # ---------------------------------------------------------------- model weights
@@ -145,6 +165,15 @@ def describe_state(state: dict) -> str:
     return arch
 
 
+def check_finite(state: dict, path) -> None:
+    """NaN/inf weights are an error naming the file (they would only train or predict NaN)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} has non-finite (NaN/inf) values in "
+                              f"{len(bad)} tensors, first {bad[0]}")
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
     """Load any supported checkpoint into ``model`` strictly; return the raw checkpoint.
 
@@ -167,10 +196,7 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
                 more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
                 lines.append(f"  {title} ({len(items)}): {', '.join(items[:5])}{more}")
         raise CheckpointError("\n".join(lines))
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"checkpoint {path} has non-finite (NaN/inf) values in "
-                              f"{len(bad)} tensors, first {bad[0]}")
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
     return raw if isinstance(raw, dict) else {}
 
@@ -252,6 +278,7 @@ def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config
                               f"(to start from its weights, evaluate it or train with "
                               f"train.resume=never)")
     check_same_model(path, state["config"], config)
+    check_finite(state["model"], path)
     try:
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])

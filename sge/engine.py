@@ -129,8 +129,9 @@ def evaluate(model: nn.Module, loader, autocast=contextlib.nullcontext,
 
 # ---------------------------------------------------------------- training
 
-def train_step(parts: Parts, batches, progress: Progress) -> dict:
-    """One optimizer step over ``accum_steps`` micro-batches; returns local sums and timings."""
+def train_step(parts: Parts, batches, progress: Progress, stop: StopFlag | None = None) -> dict:
+    """One optimizer step over ``accum_steps`` micro-batches; returns local sums and timings,
+    and ``stop``: whether any process had been asked to stop (the same answer on every rank)."""
     step = progress.global_step
     lr = parts.schedule.apply(step)
     seed_step(parts.seed, distributed.rank(), step)
@@ -159,9 +160,13 @@ def train_step(parts: Parts, batches, progress: Progress) -> dict:
         hits = topk_correct(logits.detach(), labels)
         correct = hits if correct is None else correct + hits
         images_seen += labels.shape[0]
-    # One small all-reduce so every rank sees the same loss and takes the same decision.
-    mean_loss = distributed.sum_tensor(loss_sum.clone()).item() / (
-        images_seen * distributed.world_size())
+    # One small all-reduce so every rank sees the same loss and the same stop request and
+    # takes the same decisions: a rank that stopped a step before the others (a signal to one
+    # worker, or one landing between two ranks' checks) would leave them blocked in a collective.
+    asked = float(stop is not None and stop.requested is not None)
+    totals = distributed.sum_tensor(torch.stack([loss_sum, loss_sum.new_tensor(asked)]))
+    mean_loss = totals[0].item() / (images_seen * distributed.world_size())
+    any_stop = totals[1].item() > 0
     if not math.isfinite(mean_loss):
         parts.optimizer.zero_grad(set_to_none=True)
         if parts.nonfinite == "stop":
@@ -182,7 +187,7 @@ def train_step(parts: Parts, batches, progress: Progress) -> dict:
         if parts.ema is not None:
             parts.ema.update(parts.plain, step=step + 1)
     return {"loss_sum": loss_sum, "correct": correct, "images": images_seen, "lr": lr,
-            "loss": mean_loss, "wait": wait}
+            "loss": mean_loss, "wait": wait, "stop": any_stop}
 
 
 def train_epoch(parts: Parts, batches, num_steps: int, progress: Progress, log: runlog.RunLog,
@@ -200,7 +205,7 @@ def train_epoch(parts: Parts, batches, num_steps: int, progress: Progress, log: 
     bar = log.progress(num_steps, progress.step_in_epoch, f"epoch {progress.epoch + 1}", show_bar)
     while progress.step_in_epoch < num_steps:
         t0 = time.perf_counter()
-        out = train_step(parts, batches, progress)
+        out = train_step(parts, batches, progress, stop)
         sums += torch.stack([out["loss_sum"].cpu(), *out["correct"].cpu().double(),
                              torch.tensor(float(out["images"]), dtype=torch.float64)])
         wait += out["wait"]
@@ -214,7 +219,9 @@ def train_epoch(parts: Parts, batches, num_steps: int, progress: Progress, log: 
                 "train/loss_step": out["loss"], "train/lr": out["lr"],
                 "train/img_per_s_step": out["images"] * distributed.world_size() / step_time,
                 "train/data_wait_step": out["wait"] / step_time})
-        if stop.requested:
+        # Several processes stop on the agreed answer only; one also on a late signal.
+        if out["stop"] or (stop.requested and distributed.world_size() == 1):
+            stop.requested = stop.requested or "a signal to another process"
             bar.close()
             return None
         if save_every and progress.global_step % save_every == 0 and \

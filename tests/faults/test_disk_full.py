@@ -1,0 +1,65 @@
+"""Case 4 of issue 7: a checkpoint write that fails (disk full, file too large) leaves the
+previous checkpoint intact and stops the run with one line saying what failed and where.
+
+The tests run as root, so a read-only folder would not stop a write. Instead: ENOSPC injected
+into the write in-process, and a real kernel EFBIG from ``RLIMIT_FSIZE`` in a subprocess.
+"""
+import errno
+import resource
+import signal
+
+import torch
+
+import train
+from sge import checkpoint
+from tests.engine_utils import tiny_overrides
+from tests.faults.tools import finish, launch, one_line_error, run_main, train_args
+
+
+def test_disk_full_mid_write_keeps_previous_checkpoint(folder, empty_yaml, tmp_path, monkeypatch,
+                                                       capsys):
+    real_save = torch.save
+    calls = []
+
+    def save_until_disk_full(obj, fh, *args, **kwargs):
+        calls.append(getattr(fh, "name", fh))
+        if len(calls) < 2:
+            return real_save(obj, fh, *args, **kwargs)
+        fh.write(b"PK\x03\x04 half a checkpoint")  # some bytes reach the disk, then none fit
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    argv = ["--config", empty_yaml,
+            *tiny_overrides(folder, tmp_path, "train.epochs=1", "train.ckpt_every_steps=2")]
+    code, _, err = run_main(train.main, argv, capsys)
+    monkeypatch.undo()
+    assert len(calls) == 2  # the fault happened: the second checkpoint write hit a full disk
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert code == 1
+    line = one_line_error(err)
+    assert f"could not write checkpoint {last}: No space left on device" in line
+    assert checkpoint.read_checkpoint(last)["global_step"] == 2  # the previous one, intact
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails: EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+
+def test_file_size_limit_from_the_kernel(folder, empty_yaml, tmp_path, capsys):
+    # Epoch 1 without limits, then epoch 2 resumed where no file may exceed 16 KiB: the run
+    # dir's small files still fit, a checkpoint (~200 KiB) does not.
+    argv = ["--config", empty_yaml, *tiny_overrides(folder, tmp_path, "train.epochs=1")]
+    assert run_main(train.main, argv, capsys)[0] == 0
+    ckpt_dir = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    assert checkpoint.read_checkpoint(ckpt_dir / "last.pt")["global_step"] == 6
+    proc = launch(train_args(empty_yaml, folder, tmp_path, "train.epochs=2"),
+                  preexec_fn=_limit_file_size)
+    code, out, err = finish(proc)
+    assert code == 1 and "resumed from" in out
+    line = one_line_error(err)
+    assert "File too large" in line and f"could not write checkpoint {ckpt_dir}/" in line, line
+    after = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    assert after == before  # every previous checkpoint intact, no temp file left
