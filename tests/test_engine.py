@@ -17,10 +17,10 @@ from sge import checkpoint, engine
 from sge.checkpoint import CheckpointError
 from tests.engine_utils import make_folder, tiny_config
 
-# accum 2 -> 3 optimizer steps per epoch; checkpoints every 2 steps; EMA and mixup on, so
-# their state and random numbers must survive a resume too.
+# accum 2 -> 3 optimizer steps per epoch; checkpoints every 2 steps (and a per-epoch copy);
+# EMA and mixup on, so their state and random numbers must survive a resume too.
 RESUME = ("train.accum_steps=2", "train.ckpt_every_steps=2", "train.ema=true",
-          "train.ema_decay=0.9", "train.mixup=0.4")
+          "train.ema_decay=0.9", "train.mixup=0.4", "train.keep_epoch_ckpts=1")
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,9 @@ def test_run_dir_best_checkpoint_and_eval_reproduce(folder, uninterrupted):
     cfg = tiny_config(folder, uninterrupted, "train.resume=never")
     again = engine.evaluate_checkpoint(cfg, uninterrupted / "checkpoints" / "best.pt")
     assert (again["top1"], again["images"]) == (best_row["top1"], 13)
+    copies = sorted(p.name for p in (uninterrupted / "checkpoints").glob("epoch_*.pt"))
+    assert copies == ["epoch_0002.pt"]  # keep_epoch_ckpts=1: epoch 1's copy was removed
+    assert checkpoint.read_checkpoint(uninterrupted / "checkpoints" / copies[0])["global_step"] == 6
     saved = (uninterrupted / "config.yaml").read_text()
     assert f"root: {folder}" in saved and "groups: 4" in saved
     assert json.loads((uninterrupted / "env.json").read_text())["world_size"] == 1
