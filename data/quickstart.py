@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VERSION = 1  # bump when the drawing changes: the cache folder name carries it
+VERSION = 2  # bump when the drawing changes: the cache folder name carries it
 CLASSES = ("arrow", "circle", "crescent", "cross", "heart", "hourglass", "ring", "square",
            "star", "triangle")  # sorted, so folder order == class index
 TRAIN_PER_CLASS = 300

@@ -197,8 +197,15 @@ def test_train_loader_contract_and_exact_resume(tree, monkeypatch):
         assert lo <= x.min() and x.max() <= hi and set(y.tolist()) <= {0, 1, 2}
     loader.set_epoch(2)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, _epoch(loader)))
-    # Resume at batch 2: the same batches bitwise, and the skipped ones are never decoded.
+    # Each sample's crop RNG is keyed by (seed, epoch, its index), whatever the batch order.
     import data.torchvision_backend as tvb
+    keys = []
+    monkeypatch.setattr(tvb, "sample_rng", lambda *key: keys.append(key) or sample_rng(*key))
+    loader.set_epoch(2)
+    _epoch(loader)
+    assert sorted(keys) == sorted((5, 2, i) for i in sharding.train_indices(18, 5, 2, 0, 1, 4))
+    monkeypatch.undo()
+    # Resume at batch 2: the same batches bitwise, and the skipped ones are never decoded.
     decoded = []
     monkeypatch.setattr(tvb, "load_rgb", lambda p: decoded.append(p) or load_rgb(p))
     loader.set_epoch(1, start_batch=2)
