@@ -197,6 +197,7 @@ def plot_curves(runs, out: Path, reference: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for name, ref in _references(runs, reference):
         style = dict(color="0.55" if "sge" not in name else "0.3", lw=1)
@@ -216,6 +217,7 @@ def plot_curves(runs, out: Path, reference: str) -> None:
     acc.set(xlabel="epoch", ylabel="val top-1 %", title="Validation top-1")
     loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
     for ax in (acc, loss):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.savefig(out, dpi=80)

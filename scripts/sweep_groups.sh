@@ -48,16 +48,35 @@ for o in "${OVERRIDES[@]}"; do
 done
 (( ${#GROUP_LIST[@]} )) || GROUP_LIST=(1 2 4 8 16 32 64)
 
-# Prints "G done|resume|new" per group count after validating each run's config.
+# sweep_status G...: validates each run's config, prints "G done|resume|new EPOCHS".
+# sweep_status --finished RUN EPOCHS: exits 0 when RUN recorded validation of epoch EPOCHS
+# (no torch import: it runs after every training).
 sweep_status() {
-    ROOT="$ROOT" "$PYTHON" - "$CONFIG" "$OUT_ROOT" "$*" "${OVERRIDES[@]}" <<'PY'
+    ROOT="$ROOT" "$PYTHON" - "$CONFIG" "$OUT_ROOT" "$@" -- "${OVERRIDES[@]}" <<'PY'
 import json, os, sys
 from pathlib import Path
+
+
+def finished(run: Path, epochs: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        if row.get("split") == "val" and row.get("epoch") == epochs:
+            return True
+    return False
+
+
+config, out_root, args = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+groups, overrides = args[:args.index("--")], args[args.index("--") + 1:]
+if groups[0] == "--finished":
+    sys.exit(0 if finished(Path(groups[1]), int(groups[2])) else 1)
 sys.path.insert(0, os.environ["ROOT"])
 import models
 from sge.config import ConfigError, load_config
 
-config, out_root, groups, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
 for g in groups:
     run = out_root / f"g{g}"
     try:
@@ -67,16 +86,9 @@ for g in groups:
     if not models.is_sge(cfg.model.name):
         sys.exit(f"sweep_groups.sh: error: {config}: model.name={cfg.model.name} has no SGE "
                  f"groups to sweep; use an sge_* model (or the override model.name=sge_...)")
-    done = False
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run
-            done |= row.get("split") == "val" and row.get("epoch") == cfg.train.epochs
-    resume = (run / "checkpoints" / "last.pt").is_file()
-    print(g, "done" if done else "resume" if resume else "new")
+    state = "done" if finished(run, cfg.train.epochs) else \
+        "resume" if (run / "checkpoints" / "last.pt").is_file() else "new"
+    print(g, state, cfg.train.epochs)
 PY
 }
 
@@ -87,7 +99,7 @@ mapfile -t STATUS <<<"$status_text"
 
 RUNS=()
 for line in "${STATUS[@]}"; do
-    read -r g state <<<"$line"
+    read -r g state epochs <<<"$line"
     run=$OUT_ROOT/g$g
     RUNS+=("$run")
     case $state in
@@ -97,8 +109,7 @@ for line in "${STATUS[@]}"; do
     esac
     if [[ $state != done ]]; then
         "$ROOT/scripts/train.sh" "$CONFIG" "${OVERRIDES[@]}" "model.groups=$g" "output.dir=$run"
-        read -r _ state < <(sweep_status "$g")
-        [[ $state == done ]] ||
+        sweep_status --finished "$run" "$epochs" ||
             die "G=$g stopped before its last epoch (signal or preemption?); re-run the same command to resume"
     fi
     if [[ -f $run/eval.txt && $run/eval.txt -nt $run/checkpoints/best.pt ]] &&
