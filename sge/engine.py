@@ -311,9 +311,12 @@ def fit(cfg: Config) -> dict:
             if not distributed.is_peer_failure(exc):
                 raise
             if stop.requested:
-                # A peer honoured the same signal first and left: this collective failed.
-                print(f"[rank {distributed.rank()}] stopped by {stop.requested}; a peer left "
-                      f"first (rank 0 saved the last completed step)", flush=True)
+                # A peer left first (it died, and torchrun is stopping us; or it honoured a
+                # signal at an epoch end or in validation): this step was not finished and
+                # not saved, so say where the last saved state is.
+                print(f"[rank {distributed.rank()}] stopped by {stop.requested}; another "
+                      f"process left first, the last saved state is in "
+                      f"{Path(cfg.output.dir) / 'checkpoints' / 'last.pt'}", flush=True)
                 return {"stopped": stop.requested, "best": None, "val": None}
             first = str(exc).strip().splitlines()[0][:300]
             raise distributed.PeerLostError(

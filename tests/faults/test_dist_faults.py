@@ -81,6 +81,9 @@ def test_dead_peer_ends_the_run_then_it_resumes(folder, empty_yaml, tmp_path, re
     assert code != 0
     # torchrun names the dead worker and how it died.
     assert f"Signal 9 (SIGKILL) received by PID {ranks[1]}" in err, err[-3000:]
+    # Rank 0 says where to resume from (whether its collective failed first or torchrun's
+    # SIGTERM reached it first).
+    assert f"{last}" in out + err
     killed_at = saved_step(last)
     assert 3 <= killed_at < TOTAL
     assert_all_checkpoints_readable(tmp_path / "checkpoints")
