@@ -266,6 +266,10 @@ def check_same_model(path, saved_config: dict, config: dict) -> None:
                               f"train.resume=never")
 
 
+_TRAINING_KEYS = ("model", "optimizer", "schedule", "scaler", "ema", "epoch", "step_in_epoch",
+                  "global_step", "rng", "config", "best", "counters")
+
+
 def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config: dict) -> dict:
     """Restore every training object from ``path``; return epoch/step/best/counters.
 
@@ -277,6 +281,11 @@ def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this project "
                               f"(to start from its weights, evaluate it or train with "
                               f"train.resume=never)")
+    missing = [k for k in _TRAINING_KEYS if k not in state]
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["config"], dict):
+        what = ", ".join(missing) or "model/config"
+        raise CheckpointError(f"checkpoint {path} is an incomplete or damaged training "
+                              f"checkpoint (missing or malformed: {what})")
     check_same_model(path, state["config"], config)
     check_finite(state["model"], path)
     try:

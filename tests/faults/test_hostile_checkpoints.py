@@ -12,7 +12,7 @@ import eval as eval_cli
 import train
 from sge import checkpoint, engine
 from tests.engine_utils import tiny_config, tiny_overrides
-from tests.faults.tools import run_main
+from tests.faults.tools import one_line_error, run_main
 
 
 class _RunsCode:
@@ -100,3 +100,26 @@ def test_bad_checkpoint_is_one_clear_error(kind, entry, trained, folder, empty_y
         assert not _RunsCode.marker.exists()  # refused, and its code did not run
         torch.load(path, weights_only=False)  # the fault is real: an unsafe load runs it
         assert _RunsCode.marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["weights_only", "incomplete"])
+def test_resume_needs_a_complete_training_checkpoint(kind, trained, folder, empty_yaml, tmp_path,
+                                                     capsys):
+    state = checkpoint.read_checkpoint(trained)
+    path = tmp_path / f"{kind}.pt"
+    if kind == "weights_only":
+        torch.save(state["model"], path)
+        problem = "is not a training checkpoint of this project"
+    else:
+        del state["optimizer"]
+        torch.save(state, path)
+        problem = r"incomplete or damaged training checkpoint \(missing or malformed: optimizer\)"
+    # The weights in it are fine (eval.py takes them); resuming needs the whole training state.
+    argv = ["--config", empty_yaml, "--checkpoint", path, *tiny_overrides(folder, tmp_path / "e")]
+    code, out, _ = run_main(eval_cli.main, argv, capsys)
+    assert code == 0 and "images=13" in out
+    argv = ["--config", empty_yaml, *tiny_overrides(folder, tmp_path / "t", f"train.resume={path}")]
+    code, _, err = run_main(train.main, argv, capsys)
+    assert code == 1
+    line = one_line_error(err)
+    assert str(path) in line and re.search(problem, line), line
