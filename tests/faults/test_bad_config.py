@@ -30,7 +30,7 @@ CASES = {
     "not_a_choice": (None, ["amp.dtype=fp8"], "'amp.dtype' must be one of"),
     "groups_not_dividing": (None, ["model.groups=3"], "'model.groups'=3 does not divide"),
     "yaml_syntax": ("model:\n  name: sge_resnet18\ntrain: [epochs: 3\n", [],
-                    r"YAML syntax error in {config} line 4"),
+                    "YAML syntax error in {config} line 4"),
     "override_without_value": (None, ["train.epochs"], "must look like dotted.key=value"),
     "nccl_without_gpu": (None, ["dist.backend=nccl"], "'dist.backend'=nccl needs a CUDA GPU"),
     "dali_gpu_without_gpu": (None, ["data.backend=dali", "data.dali_device=gpu"],
@@ -72,13 +72,8 @@ def test_bad_config_is_one_line_before_any_work(case, entry, folder, tmp_path, t
     assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
     line = one_line_error(err)
     expected = CASES[case][2].format(config=config)
-    assert expected in line or (case == "yaml_syntax" and _yaml_line(line, config)), line
+    assert expected in line, line
     assert not (tmp_path / "run").exists()  # no run directory, nothing written
-
-
-def _yaml_line(line, config):
-    import re
-    return re.search(rf"YAML syntax error in {re.escape(str(config))} line \d+", line)
 
 
 def test_real_process_prints_one_line(folder, empty_yaml, tmp_path):
