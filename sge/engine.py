@@ -90,6 +90,15 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop: one tiny all-reduce, so every rank gets
+        the same answer (ranks that were not signalled themselves then stop too)."""
+        asked = torch.tensor([float(self.requested is not None)], dtype=torch.float64)
+        if distributed.sum_tensor(asked).item() > 0:
+            self.requested = self.requested or "a signal to another process"
+            return True
+        return False
+
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Seed python/numpy/torch from (seed, rank, step): mixup, dropout etc. resume exactly."""
@@ -279,7 +288,10 @@ def validate_epoch(cfg: Config, parts: Parts, val_loader, progress: Progress,
     for which, module in candidates:
         # DDP keeps parameters equal but BN statistics are per rank: evaluate rank 0's.
         distributed.broadcast_buffers(module)
-        result = evaluate(module, val_loader, parts.autocast, parts.memory_format, stop)
+        # Validation has no collective until its end, so several processes could not agree
+        # on stopping midway: there a stop waits for the epoch-end check in ``_fit``.
+        result = evaluate(module, val_loader, parts.autocast, parts.memory_format,
+                          stop if distributed.world_size() == 1 else None)
         if result is None:
             return None
         row = {"epoch": progress.epoch + 1, "step": progress.global_step, "split": "val",
@@ -397,7 +409,7 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         path = save(epoch_end=True)
         log.info(summary)
-        if stop.requested:
+        if stop.agreed():
             return _stopped(stop, path, progress, log)
     best = progress.best
     if best["top1"] is not None:
