@@ -41,12 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--max-groups", type=int, default=64,
                    help="show at most this many groups, evenly spaced (default 64)")
     p.add_argument("--cols", type=int, default=8, help="groups per row of the grid (default 8)")
-    p.add_argument("--scale", choices=("tile", "group"), default="tile",
-                   help="colour range of the norm maps: per tile (default), or shared by a "
-                        "group's before/after pair (shows the suppression in absolute terms)")
+    p.add_argument("--scale", choices=("tile", "absolute"), default="tile",
+                   help="colour ranges: each tile its own (default: shows where within the "
+                        "map), or absolute (a group's before/after share one range, the gate "
+                        "spans 0..1: shows how much SGE scales)")
+    p.add_argument("--dpi", type=int, default=80, help="PNG resolution (default 80)")
     p.add_argument("--tensorboard", metavar="DIR", help="also log the grid and maps there")
     args = p.parse_args(argv)
-    for name in ("max_groups", "cols"):
+    for name in ("max_groups", "cols", "dpi"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if Path(args.out).suffix.lower() != ".png":
@@ -123,12 +125,12 @@ def draw(rgb, before, after, gate, shown, cols, scale, title):
         lim = max(maps[0][k].max(), maps[1][k].max())
         for r in range(3):
             ax = axes[1 + 3 * chunk + r, col]
-            if r == 2:
-                vmin, vmax = 0.0, 1.0  # the gate is a probability: one fixed scale
-            elif scale == "group":
-                vmin, vmax = 0.0, lim
-            else:
+            if scale == "tile":
                 vmin, vmax = maps[r][k].min(), maps[r][k].max()
+            elif r == 2:
+                vmin, vmax = 0.0, 1.0  # the gate is a probability
+            else:
+                vmin, vmax = 0.0, lim
             ax.imshow(rgb.mean(axis=2), cmap="gray")
             ax.imshow(maps[r][k], cmap="jet", alpha=0.55, vmin=vmin, vmax=vmax)
             if r == 0:
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
     fig = draw(to_rgb(image), before, after, gate, shown, args.cols, args.scale, title)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=args.dpi)
     if args.tensorboard:
         log_tensorboard(args.tensorboard, f"sge/layer{args.stage}.{block}", fig, before, after,
                         gate)
