@@ -10,10 +10,13 @@ with whole-model ``torch.compile``: compile time and compiled step time). Each m
 runs in its own subprocess (peak memory is per process; compile caches are not shared), the
 three models interleaved within each repeat; figures are medians over repeats. A
 measurement past ``--cap`` seconds is recorded as null (and not retried in later repeats).
-Peak memory: peak RSS of the process on CPU, ``max_memory_allocated`` on CUDA.
+Peak memory: peak RSS of the process on CPU, ``max_memory_allocated`` on CUDA. CPU seconds
+(process time, all threads) per step are reported beside wall time: on a shared machine
+they move less with other jobs' load.
 
 Prints a table, then as its last line one JSON object with every figure and the ratios
 ``{fused,reference}_{train_time,peak_mem,infer_time,compiled_step,compile_time}_ratio``
+(and ``_train_cpu_ratio``, ``_infer_cpu_ratio``)
 (over ResNet50).
 """
 from __future__ import annotations
@@ -40,8 +43,10 @@ MEASURES = ("train", "infer", "compiled")
 # figure -> (measurement, field in the worker's answer)
 FIGURES = {
     "train_time": ("train", "step_s"),
+    "train_cpu": ("train", "cpu_s"),
     "peak_mem": ("train", "peak_mem_mb"),
     "infer_time": ("infer", "step_s"),
+    "infer_cpu": ("infer", "cpu_s"),
     "compile_time": ("compiled", "compile_s"),
     "compiled_step": ("compiled", "step_s"),
 }
@@ -124,15 +129,17 @@ def run_worker(spec: dict) -> dict:
     setup_mb = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for i in range(spec["warmup"] + spec["steps"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     timed = times[spec["warmup"]:] or times
-    out = {"step_s": statistics.median(timed), "first_step_s": times[0]}
+    out = {"step_s": statistics.median(timed), "first_step_s": times[0],
+           "cpu_s": statistics.median(cpu_times[spec["warmup"]:] or cpu_times)}
     if spec["measure"] == "compiled":
         out["compile_s"] = max(times[0] - out["step_s"], 0.0)
     if cuda:
@@ -219,7 +226,8 @@ def ratios(figures: dict) -> dict:
 
 
 def print_table(figures: dict, rat: dict) -> None:
-    cols = [("train_time", "train s/step", 3), ("infer_time", "infer s/batch", 3),
+    cols = [("train_time", "train s/step", 3), ("train_cpu", "train CPU s", 3),
+            ("infer_time", "infer s/batch", 3), ("infer_cpu", "infer CPU s", 3),
             ("peak_mem", "peak MB", 0), ("compile_time", "compile s", 1),
             ("compiled_step", "compiled s/step", 3)]
     head = f"{'model':<24}" + "".join(f"{title:>18}" for _, title, _ in cols)
