@@ -51,7 +51,7 @@ def build_resnet(depth: int, attn: str = "none", groups: int = 64,
     """Build a ResNet-``depth`` with ``attn`` in every block's slot.
 
     ``groups`` and ``sge_impl`` apply to SGE only; other keyword arguments go to timm's
-    ``ResNet`` (``num_classes``, ``channels``, ``stem_width``, ``features_only``, ...).
+    ``ResNet`` (``num_classes``, ``channels``, ``features_only``, ...).
     """
     if depth not in LAYERS:
         raise ValueError(f"ResNet depth {depth} is not one of {sorted(LAYERS)}")

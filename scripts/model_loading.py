@@ -31,14 +31,12 @@ class ToolError(RuntimeError):
 
 
 def _infer_kwargs(name: str, state: dict) -> dict:
-    """Model arguments that the state dict pins: groups, classes, stage and stem widths."""
+    """Model arguments that the state dict pins: groups, classes and stage widths."""
     kwargs = {}
     if "fc.weight" in state:
         kwargs["num_classes"] = int(state["fc.weight"].shape[0])
     if models.is_sge(name) and "layer1.0.se.weight" in state:
         kwargs["groups"] = int(state["layer1.0.se.weight"].shape[1])
-    if "conv1.weight" in state:
-        kwargs["stem_width"] = int(state["conv1.weight"].shape[0])
     widths = [state.get(f"layer{i}.0.conv1.weight") for i in range(1, 5)]
     if all(w is not None for w in widths):
         kwargs["channels"] = tuple(int(w.shape[0]) for w in widths)

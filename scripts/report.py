@@ -137,7 +137,7 @@ def published(run: Run):
     """The paper's (top-1, top-5) when the run has the paper's settings, else None."""
     m = run.model
     paper_like = m.get("num_classes") == 1000 and not m.get("channels") and \
-        m.get("stem_width", 64) == 64 and run.groups in (None, 64)
+        run.groups in (None, 64)
     ref = PAPER.get(m.get("name")) if paper_like else None
     return (ref[2], ref[3]) if ref else None
 

@@ -205,7 +205,7 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
 
 # Config keys that change the model's weights; resuming with another value is an error.
 # (sge_impl, channels_last, sync_bn and compile change how the same weights are computed.)
-MODEL_KEYS = ("name", "groups", "num_classes", "channels", "stem_width")
+MODEL_KEYS = ("name", "groups", "num_classes", "channels")
 
 
 def rng_state() -> dict:

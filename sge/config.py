@@ -38,8 +38,6 @@ class ModelCfg:
     num_classes: int = _f(1000, "classifier outputs", min=1)
     sge_impl: str = _f("fused", "SGE implementation", choices=("reference", "fused"))
     channels: list = _f([], "per-stage base widths for narrow models; [] = (64,128,256,512)")
-    stem_width: int = _f(64, "timm stem_width (acts on deep stems only; the 7x7 stem is 64 wide)",
-                         min=1)
     channels_last: bool = _f(False, "use the channels_last memory format (shapes stay NCHW)")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
     compile: bool = _f(False, "wrap the model in torch.compile")
@@ -82,6 +80,7 @@ class TrainCfg:
     steps_per_epoch: int = _f(0, "cap optimizer steps per epoch (0 = the whole epoch)", min=0)
     log_every: int = _f(20, "log train metrics every N optimizer steps", min=1)
     progress: bool = _f(True, "progress bar with ETA on rank 0")
+    threads: int = _f(0, "CPU threads per process for torch ops (0 = torch's default)", min=0)
 
 
 @dataclass
@@ -191,6 +190,12 @@ def _coerce(key: str, value: Any, default: Any, meta: dict) -> Any:
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
+        # YAML 1.1 reads "5e-5" (no dot) as a string; accept what float() parses.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind is list:

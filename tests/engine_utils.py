@@ -25,7 +25,7 @@ def make_folder(root: Path, train_per_class: int = 8, val_counts=(5, 4, 4)) -> P
 
 def tiny_overrides(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
     return [
-        "model.name=sge_resnet18", "model.channels=[8,16,32,64]", "model.stem_width=8",
+        "model.name=sge_resnet18", "model.channels=[8,16,32,64]",
         "model.groups=4", "model.num_classes=3",
         "data.backend=torchvision", f"data.root={data_root}", "data.batch_size=4",
         "data.workers=0", "data.img_size=32", "data.val_resize=32", "data.val_img_size=32",

@@ -15,7 +15,7 @@ from sge.fused import DeferredBatchNorm2d, FusedSpatialGroupEnhance
 # (N, C, H, W, G): odd sizes, H*W == 1, one channel per group, a large batch.
 SHAPES = [(2, 16, 5, 7, 4), (3, 8, 1, 1, 2), (1, 12, 3, 1, 3), (2, 6, 1, 9, 6),
           (67, 8, 3, 2, 4), (2, 32, 7, 7, 8)]
-NARROW = dict(channels=(8, 16, 32, 64), stem_width=8, groups=4, num_classes=10)
+NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=10)
 
 
 def _pair(c, g, dtype, seed=0):

@@ -29,7 +29,7 @@ import visualize_sge  # noqa: E402
 SHELL = ["train.sh", "train_multinode.sh", "slurm_train.sbatch", "sweep_groups.sh",
          "eval_released.sh"]
 PYTHON = ["report.py", "predict.py", "visualize_sge.py"]
-NARROW = dict(channels=(8, 16, 32, 64), stem_width=8, groups=4, num_classes=3)
+NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=3)
 
 
 def run(args, cwd=ROOT, env=None, ok=True):
