@@ -333,6 +333,7 @@ def save_best(weights: dict, ckpt_dir, *, which: str, top1: float, epoch: int,
                                                "epoch": str(epoch)})
         os.replace(tmp, ckpt_dir / "best.safetensors")
     except OSError as exc:
+        tmp.unlink(missing_ok=True)  # the previous best.safetensors stays as it was
         raise CheckpointError(f"could not write {ckpt_dir / 'best.safetensors'}: "
                               f"{exc.strerror or exc}") from None
     return best

@@ -63,3 +63,28 @@ def test_file_size_limit_from_the_kernel(folder, empty_yaml, tmp_path, capsys):
     assert "File too large" in line and f"could not write checkpoint {ckpt_dir}/" in line, line
     after = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
     assert after == before  # every previous checkpoint intact, no temp file left
+
+
+def test_failed_safetensors_export_keeps_previous_best(tmp_path, monkeypatch):
+    weights = {"fc.weight": torch.ones(2, 3)}
+    checkpoint.save_best(weights, tmp_path, which="raw", top1=50.0, epoch=1, global_step=1,
+                         config={})
+    before = (tmp_path / "best.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half a header")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    try:
+        checkpoint.save_best({"fc.weight": torch.zeros(2, 3)}, tmp_path, which="raw",
+                             top1=60.0, epoch=2, global_step=2, config={})
+    except checkpoint.CheckpointError as exc:
+        assert f"could not write {tmp_path / 'best.safetensors'}: No space left" in str(exc)
+    else:
+        raise AssertionError("the failed export was not reported")
+    assert (tmp_path / "best.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.safetensors"]
