@@ -18,11 +18,12 @@ import random
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN  # the models' pretrained cfgs use the same constants
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 CROP_RATIO = (3 / 4, 4 / 3)
 _BILINEAR = InterpolationMode.BILINEAR
 _MASK64 = (1 << 64) - 1

@@ -1,4 +1,5 @@
 """Shared by the engine and distributed tests: a tiny ImageFolder and a tiny run config."""
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,10 @@ def tiny_overrides(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
 
 def tiny_config(data_root: Path, out_dir: Path, *extra: str):
     return load_config(None, tiny_overrides(data_root, out_dir, *extra))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ report the same images and correct-counts as 1 process and as an image-by-image 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ import torch
 from data import presets
 from data.folder import load_rgb, scan_split
 from sge import builders, checkpoint, engine
-from tests.engine_utils import make_folder, tiny_config, tiny_overrides
+from tests.engine_utils import free_port, make_folder, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(args, *, nnodes=1, node_rank=0, nproc=2, port, wait=True):
@@ -54,7 +47,7 @@ def two_process_run(folder, tmp_path_factory):
     overrides = tiny_overrides(folder, run_dir, "train.epochs=1", "dist.timeout_s=60")
     config = tmp_path_factory.mktemp("cfg") / "empty.yaml"
     config.write_text("{}\n")
-    out = _torchrun(["train.py", "--config", str(config), *overrides], port=_free_port())
+    out = _torchrun(["train.py", "--config", str(config), *overrides], port=free_port())
     return run_dir, out
 
 
@@ -101,7 +94,7 @@ def test_eval_exact_one_vs_two_processes(two_process_run, folder, tmp_path):
     assert (val[0]["images"], val[0]["top1"], val[0]["top5"]) == \
         (13, one["top1"], one["top5"])
     # eval.py as two single-process "nodes" over loopback (torchrun --nnodes=2).
-    port = _free_port()
+    port = free_port()
     args = ["eval.py", "--config", str(run_dir / "config.yaml"), "--checkpoint", str(last),
             f"output.dir={tmp_path}"]
     nodes = [_torchrun(args, nnodes=2, node_rank=r, nproc=1, port=port, wait=False)

@@ -11,8 +11,9 @@ import signal
 import pytest
 
 from sge import checkpoint
-from tests.faults.tools import (_free_port, assert_all_checkpoints_readable, finish, launch,
-                                saved_step, train_args, wait_for_step, worker_by_rank)
+from tests.engine_utils import free_port
+from tests.faults.tools import (assert_all_checkpoints_readable, finish, launch, saved_step,
+                                train_args, wait_for_step, worker_by_rank)
 from tests.test_engine import _assert_same_tensors
 
 # 24 train images, 2 processes x 2: 6 steps per epoch, 12 in all.
@@ -24,7 +25,7 @@ BOUND_S = 90  # a lost peer must end the run well within this (dist.timeout_s=30
 
 def _start(empty_yaml, folder, run_dir, fault=PACE):
     proc = launch(train_args(empty_yaml, folder, run_dir, *EXTRA), fault=fault, nproc=2,
-                  port=_free_port())
+                  port=free_port())
     return proc, worker_by_rank(proc, 2)
 
 

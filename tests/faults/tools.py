@@ -12,7 +12,6 @@ import pytest
 
 from sge import checkpoint
 from tests.engine_utils import tiny_overrides
-from tests.test_distributed import _free_port  # noqa: F401  (shared with the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
