@@ -16,6 +16,8 @@ from sge.fused import DeferredBatchNorm2d, FusedSpatialGroupEnhance
 SHAPES = [(2, 16, 5, 7, 4), (3, 8, 1, 1, 2), (1, 12, 3, 1, 3), (2, 6, 1, 9, 6),
           (67, 8, 3, 2, 4), (2, 32, 7, 7, 8)]
 NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=10)
+# The same checks on a CUDA GPU when there is one (CI has none; a GPU machine runs them all).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _pair(c, g, dtype, seed=0):
@@ -36,14 +38,15 @@ def _run(module, x, dy):
     return (y, *grads)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_layer_matches_reference(shape, dtype):
+def test_layer_matches_reference(shape, dtype, device):
     n, c, h, w, g = shape
-    ref, fused = _pair(c, g, dtype)
+    ref, fused = (m.to(device) for m in _pair(c, g, dtype))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype) * 2 + 0.5
-    dy = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    x = (torch.randn(n, c, h, w, generator=gen, dtype=dtype) * 2 + 0.5).to(device)
+    dy = torch.randn(n, c, h, w, generator=gen, dtype=dtype).to(device)
     tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     for a, b in zip(_run(fused, x, dy), _run(ref, x, dy)):
         assert torch.isfinite(a).all()
@@ -112,12 +115,13 @@ def _train_step(model, x, labels):
     return out, grads
 
 
-def test_model_train_step_matches_reference():
-    ref, fused = _models()
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_train_step_matches_reference(device):
+    ref, fused = (m.to(device) for m in _models())
     assert list(ref.state_dict()) == list(fused.state_dict())  # checkpoint keys unchanged
     assert isinstance(fused.layer1[0].bn2, DeferredBatchNorm2d)
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    labels = torch.randint(0, 10, (4,))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 10, (4,)).to(device)
     out_r, grads_r = _train_step(ref, x, labels)
     out_f, grads_f = _train_step(fused, x, labels)
     assert_close(out_f, out_r)
@@ -146,14 +150,15 @@ def test_replaced_norm_falls_back():
     assert_close(fused(x), ref(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
-def test_autocast_close_to_float32(amp):
-    ref, fused = _models(torch.float32)
-    x = torch.randn(2, 3, 32, 32)
+def test_autocast_close_to_float32(amp, device):
+    ref, fused = (m.to(device) for m in _models(torch.float32))
+    x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         expect = ref(x)
     try:
-        with torch.autocast("cpu", dtype=amp):
+        with torch.autocast(device, dtype=amp):
             out = fused(x)
             with torch.no_grad():
                 out_ref = ref(x)
@@ -167,22 +172,25 @@ def test_autocast_close_to_float32(amp):
     assert (out.float() - expect).abs().max() <= 1.5 * ref_err + 0.02
     # The layer itself: statistics in float32, so only the output rounding differs.
     _, layer = _pair(16, 4, torch.float32)
-    x16 = (torch.randn(3, 16, 6, 5) * 3).to(amp)
-    with torch.autocast("cpu", dtype=amp):
+    layer = layer.to(device)
+    x16 = (torch.randn(3, 16, 6, 5, device=device) * 3).to(amp)
+    with torch.autocast(device, dtype=amp):
         y16 = layer(x16)
     assert y16.dtype == amp
     assert_close(y16.float(), layer(x16.float()), rtol=1e-2, atol=1e-2)
 
 
-def test_channels_last():
-    ref, fused = _models()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last(device):
+    ref, fused = (m.to(device) for m in _models())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, device=device)
     fused = fused.to(memory_format=torch.channels_last)
     x_cl = x.clone().requires_grad_()
     out = fused(x_cl.contiguous(memory_format=torch.channels_last))
     assert_close(out, ref(x))
-    sge = FusedSpatialGroupEnhance(16, 4).double()
-    y = sge(torch.randn(2, 16, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last))
+    sge = FusedSpatialGroupEnhance(16, 4).double().to(device)
+    y = sge(torch.randn(2, 16, 5, 5, dtype=torch.float64, device=device)
+            .to(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
     assert torch.isfinite(x_cl.grad).all()
