@@ -54,13 +54,23 @@ def _keep_format(out: Tensor, like: Tensor) -> Tensor:
     return out
 
 
-def _affine(bn_weight, bn_bias, mean, invstd, ct):
-    """Per-channel ``(scale, shift)`` with ``BN(z) = z * scale + shift``; None without BN."""
+def _affine(bn_weight, bn_bias, mean, var, eps, ct):
+    """Per-channel ``(scale, shift, invstd)`` with ``BN(z) = z * scale + shift``; Nones
+    without BN."""
     if mean is None:
-        return None, None
-    scale = invstd.to(ct) if bn_weight is None else invstd.to(ct) * bn_weight.to(ct)
+        return None, None, None
+    invstd = torch.rsqrt(var.to(ct) + eps)
+    scale = invstd if bn_weight is None else invstd * bn_weight.to(ct)
     shift = -mean.to(ct) * scale
-    return scale, shift if bn_bias is None else shift.add_(bn_bias.to(ct))
+    return scale, shift if bn_bias is None else shift.add_(bn_bias.to(ct)), invstd
+
+
+def _apply_norm(z, bn_weight, bn_bias, mean, var, eps):
+    """``BN(z)`` with the given statistics, by BatchNorm's own kernel (eval mode: no stats
+    update). A broadcast ``addcmul`` does the same maths 1.3-4x slower on CPU: its
+    per-channel operands are not contiguous along the inner dimension, so it does not
+    vectorize."""
+    return nn.functional.batch_norm(z, mean, var, bn_weight, bn_bias, False, 0.0, eps)
 
 
 def _gate(chat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -69,11 +79,29 @@ def _gate(chat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
                          weight.reshape(1, g, 1).to(chat.dtype)).sigmoid_()
 
 
-# Per-position tensors are only C/G = 4 times smaller than the feature map in ResNet's first
-# stage (256 channels, G=64), so each elementwise op on them counts: reductions are matmuls,
-# and addcmul / sigmoid_backward fuse pairs of ops.
+# A float32 copy of a float16/bfloat16 feature map is twice its size; the products below
+# convert at most this many elements at a time, so statistics stay float32 without one.
+_CHUNK = 1 << 22
 
-def sge_forward(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups):
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.bmm(a, b)`` in ``a``'s dtype, converting ``b`` (possibly narrower) in chunks."""
+    if b.dtype == a.dtype:
+        return torch.bmm(a, b)
+    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
+    step = max(1, _CHUNK // max(1, b[0].numel()))
+    for i in range(0, a.shape[0], step):
+        torch.bmm(a[i:i + step], b[i:i + step].to(a.dtype), out=out[i:i + step])
+    return out
+
+
+# Per-position tensors are only C/G = 4 times smaller than the feature map in ResNet's first
+# stage (256 channels, G=64), so each elementwise op on them counts: reductions over a
+# group's channels are batched matrix-vector products (a few times faster than sum/mul
+# along a middle dimension), and addcmul / sigmoid_backward fuse pairs of ops. Measured per
+# op at ResNet-50's shapes (batch 16, 2 threads): see docs/benchmarks.md, "SGE cost".
+
+def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps):
     """Return ``(y, chat, sigma, m)`` for ``x = BN(z)`` (or ``x = z`` when ``mean`` is None).
 
     Every output owns its storage (no views): custom-op outputs must not be views.
@@ -81,47 +109,46 @@ def sge_forward(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups):
     n, c, h, w = z.shape
     k, p, ng = c // groups, h * w, n * groups
     ct = _compute_dtype(z.dtype)
-    scale, shift = _affine(bn_weight, bn_bias, mean, invstd, ct)
     zc = z.contiguous()
-    z3 = zc.view(ng, k, p).to(ct)
-    m = z3.mean(2).view(n, groups, k)                               # channel means of z ...
-    chat = z3.new_empty((n, groups, p))
-    if scale is None:
-        torch.bmm(m.view(ng, 1, k), z3, out=chat.view(ng, 1, p))    # c = <m, x>: one pass
+    m = zc.view(n, c, p).mean(2, dtype=ct)                         # channel means of z ...
+    if mean is None:
+        dot = m                                                     # c = <m, x>
     else:  # ... and of x; c = <m * scale, z> + <m, shift>, the constant cancels below
-        m = torch.addcmul(shift.view(groups, k), m, scale.view(groups, k))
-        torch.bmm((m * scale.view(groups, k)).view(ng, 1, k), z3, out=chat.view(ng, 1, p))
+        scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
+        m = torch.addcmul(shift, m, scale)
+        dot = m * scale
+    chat = _bmm(dot.view(ng, 1, k), zc.view(ng, k, p)).view(n, groups, p)
     chat.sub_(chat.mean(2, keepdim=True))
     # Unbiased std (var_mean's inner-dim Welford measured 80x slower than this norm); with
     # H*W == 1, c - mean(c) == 0 and std 0, so c_hat = 0 like the reference.
     sigma = torch.linalg.vector_norm(chat, dim=2, keepdim=True).div_(max(p - 1, 1) ** 0.5)
     chat.div_(sigma + EPS)
-    gate = _gate(chat, weight, bias).view(ng, 1, p)
-    y = torch.empty_like(zc)
-    if scale is None:
-        torch.mul(zc.view(ng, k, p), gate.to(z.dtype), out=y.view(ng, k, p))
+    gate = _gate(chat, weight, bias).to(z.dtype).view(ng, 1, p)    # rounded as the reference
+    if mean is None:
+        y = torch.empty_like(zc)
+        torch.mul(zc.view(ng, k, p), gate, out=y.view(ng, k, p))
     else:
-        torch.addcmul(shift.view(1, c, 1), zc.view(n, c, p), scale.view(1, c, 1),
-                      out=y.view(n, c, p))
+        y = _apply_norm(zc, bn_weight, bn_bias, mean, var, bn_eps)
         y.view(ng, k, p).mul_(gate)
-    return _keep_format(y, z), chat, sigma, m
+    return _keep_format(y, z), chat, sigma, m.view(n, groups, k)
 
 
-def sge_backward(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias,
+def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
                  bn_training, bn_eps):
     """Return ``(dz, dweight, dbias, dbn_weight, dbn_bias)``."""
     n, c, h, w = dy.shape
     g, p = chat.shape[1], h * w
     k, ng, ct = c // g, n * g, chat.dtype
-    scale, shift = _affine(bn_weight, bn_bias, mean, invstd, ct)
-    z3 = z.contiguous().view(n, c, p)
-    dy3 = dy.contiguous().view(ng, k, p)
+    zc, dyc = z.contiguous(), dy.contiguous()
+    dy3 = dyc.view(ng, k, p)
     # One full-size scratch buffer: x * dy, and later dx.
-    if scale is None:
-        buf = z3.to(ct) * dy3.view(n, c, p)
+    if mean is None:
+        scale = invstd = None
+        buf = torch.mul(zc.to(ct), dyc)
     else:
-        buf = torch.addcmul(shift.view(1, c, 1), z3, scale.view(1, c, 1)).mul_(dy3.view(n, c, p))
-    ds = buf.view(ng, k, p).sum(1)                                  # (NG, P)
+        scale, _, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
+        buf = _apply_norm(zc, bn_weight, bn_bias, mean, var, bn_eps).to(ct).mul_(dyc)
+    ds = torch.bmm(chat.new_ones((1, 1, k)).expand(ng, 1, k), buf.view(ng, k, p))
     s = _gate(chat, weight, bias)
     da = torch.ops.aten.sigmoid_backward(ds.view(n, g, p), s)
     da_chat = (da * chat).sum(2, keepdim=True)
@@ -133,18 +160,19 @@ def sge_backward(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight
     coef_b = -(sigma + EPS) * da_chat / torch.where(sigma > 0, sigma, 1.0).mul_(max(p - 1, 1))
     dc = torch.addcmul(-da_mean, chat, coef_b).add_(da)
     dc.mul_(weight.reshape(1, g, 1).to(ct) / (sigma + EPS))
-    dm = torch.bmm(z3.view(ng, k, p).to(ct), dc.view(ng, p, 1))    # (NG, K, 1)
+    # dm_k = sum_p z_kp dc_p as (1 x P) @ (P x K): 3-8x faster than (K x P) @ (P x 1) here.
+    dm = _bmm(dc.view(ng, 1, p), zc.view(ng, k, p).transpose(1, 2))  # (NG, 1, K)
     if scale is not None:
-        dm = dm.view(n, c, 1).mul_(scale.view(1, c, 1)).view(ng, k, 1)
+        dm = dm.view(n, c).mul_(scale)
     # dx = dy * s + dm / P, then + m (x) dc as a batched rank-1 update, into the scratch.
     dx = buf.view(ng, k, p)
-    torch.addcmul(dm.div_(p), dy3, s.view(ng, 1, p), out=dx)
+    torch.addcmul(dm.view(ng, k, 1).div_(p), dy3, s.view(ng, 1, p), out=dx)
     dx.baddbmm_(m.view(ng, k, 1), dc.view(ng, 1, p))
     dx = dx.view(n, c, h, w).to(dy.dtype)
     if scale is None:  # custom-op outputs cannot be None: empty stands for "no gradient"
         return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
-    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z.contiguous(), bn_weight, mean,
-                                                    invstd, scale, bn_training, bn_eps)
+    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, zc, bn_weight, mean, invstd, scale,
+                                                    bn_training, bn_eps)
     return _keep_format(dz, dy), dweight, dbias, dbn_weight, dbn_bias
 
 
@@ -186,16 +214,16 @@ def _no_autocast(t: Tensor):
 
 @torch.library.custom_op("sge::fused_forward", mutates_args=())
 def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                   mean: Optional[Tensor], invstd: Optional[Tensor], weight: Tensor,
+                   mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
                    bias: Tensor, groups: int, bn_training: bool, bn_eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # bn_training/bn_eps are only kept for the backward.
+    # bn_training is only kept for the backward.
     with _no_autocast(z):
-        return sge_forward(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups)
+        return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps)
 
 
 @_fused_forward.register_fake
-def _(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups, bn_training, bn_eps):
+def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_eps):
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
     return (torch.empty_like(z), z.new_empty((n, groups, h * w), dtype=ct),
@@ -205,16 +233,16 @@ def _(z, bn_weight, bn_bias, mean, invstd, weight, bias, groups, bn_training, bn
 @torch.library.custom_op("sge::fused_backward", mutates_args=())
 def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], mean: Optional[Tensor],
-                    invstd: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
+                    var: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
                     weight: Tensor, bias: Tensor, bn_training: bool, bn_eps: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(dy):
-        return sge_backward(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight,
+        return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                             bias, bn_training, bn_eps)
 
 
 @_fused_backward.register_fake
-def _(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias, bn_training,
+def _(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
       bn_eps):
     def like(t):
         return torch.empty_like(t) if t is not None and mean is not None else dy.new_empty(0)
@@ -223,16 +251,16 @@ def _(dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias, bn_
 
 
 def _setup_context(ctx, inputs, output):
-    z, bn_weight, bn_bias, mean, invstd, weight, bias, _, bn_training, bn_eps = inputs
+    z, bn_weight, bn_bias, mean, var, weight, bias, _, bn_training, bn_eps = inputs
     _, chat, sigma, m = output
-    ctx.save_for_backward(z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias)
+    ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias)
     ctx.bn = (bn_training, bn_eps)
 
 
 def _backward(ctx, dy, *_stat_grads):
-    z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias = ctx.saved_tensors
+    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias = ctx.saved_tensors
     dz, dweight, dbias, dbn_weight, dbn_bias = _fused_backward(
-        dy, z, bn_weight, bn_bias, mean, invstd, chat, sigma, m, weight, bias, *ctx.bn)
+        dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
     if dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
     return dz, dbn_weight, dbn_bias, None, None, dweight, dbias, None, None, None
@@ -257,7 +285,7 @@ class DeferredBatchNorm2d(nn.BatchNorm2d):
 
 
 def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
-    """``(mean, invstd)`` that ``norm(z)`` would use, updating running statistics as
+    """``(mean, var)`` (biased) that ``norm(z)`` would use, updating running statistics as
     ``nn.BatchNorm2d.forward`` does (once per call)."""
     if norm.training or not norm.track_running_stats:
         momentum = norm.momentum if norm.momentum is not None else 0.0
@@ -272,7 +300,7 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
             momentum)
     else:
         mean, var = norm.running_mean, norm.running_var
-    return mean, torch.rsqrt(var + norm.eps)
+    return mean, var
 
 
 class FusedSpatialGroupEnhance(SpatialGroupEnhance):
