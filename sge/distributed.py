@@ -24,6 +24,10 @@ def init(backend: str = "auto", timeout_s: int = 120) -> torch.device:
     """Join the process group described by torchrun's environment; return this process's device."""
     gpu = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpu and local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"process LOCAL_RANK={local_rank} has no GPU: only "
+                           f"{torch.cuda.device_count()} visible; start at most that many "
+                           f"processes per node (torchrun --nproc_per_node)")
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)

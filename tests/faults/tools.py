@@ -27,7 +27,9 @@ def launch(args, *, fault: str | None = None, nproc: int = 0, port: int | None =
     if nproc:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 "--master_addr=127.0.0.1", f"--master_port={port}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # gloo on CPU, also on a machine with GPUs (two processes may outnumber them).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "CUDA_VISIBLE_DEVICES": ""}
     env.pop("SGE_TEST_FAULT", None)
     if fault:
         env["SGE_TEST_FAULT"] = fault
