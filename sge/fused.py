@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from sge import fused_triton
 from sge.layer import EPS, SpatialGroupEnhance
 
 
@@ -219,6 +220,9 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # bn_training is only kept for the backward.
     with _no_autocast(z):
+        if fused_triton.applies(z, groups):
+            scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
+            return fused_triton.forward(z, scale, shift, weight, bias, groups)
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps)
 
 
@@ -237,8 +241,24 @@ def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
                     weight: Tensor, bias: Tensor, bn_training: bool, bn_eps: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(dy):
+        if fused_triton.applies(dy, chat.shape[1]):
+            return _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m,
+                                    weight, bias, bn_training, bn_eps)
         return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                             bias, bn_training, bn_eps)
+
+
+def _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
+                     bn_training, bn_eps):
+    """``sge_backward`` with SGE's part in the Triton kernel; BN's backward stays ATen's."""
+    scale, shift, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
+    dx, dweight, dbias = fused_triton.backward(dy, z, scale, shift, chat, sigma, m, weight,
+                                               bias)
+    if scale is None:
+        return dx, dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale,
+                                                    bn_training, bn_eps)
+    return dz, dweight, dbias, dbn_weight, dbn_bias
 
 
 @_fused_backward.register_fake

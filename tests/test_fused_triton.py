@@ -1,0 +1,131 @@
+"""The Triton kernels of the fused SGE (sge/fused_triton.py) against the reference layer.
+
+On a GPU they run on CUDA tensors. Without one, the same kernels run in Triton's interpreter
+on CPU tensors: TRITON_INTERPRET=1 has to be set before Triton is imported, so
+``test_kernels_in_interpreter`` runs this file again in a child pytest with it set.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import models
+from sge import SpatialGroupEnhance, fused_triton
+from sge.fused import FusedSpatialGroupEnhance
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+needs_kernels = pytest.mark.skipif(
+    DEVICE is None or fused_triton.triton is None,
+    reason="needs a GPU or TRITON_INTERPRET=1 (test_kernels_in_interpreter sets it)")
+SHAPES = [(2, 16, 5, 7, 4), (3, 8, 1, 1, 2), (1, 12, 3, 1, 3), (2, 6, 1, 9, 6),
+          (9, 8, 3, 2, 4), (2, 32, 7, 7, 8), (2, 8, 64, 64, 4)]
+
+
+@pytest.mark.skipif(DEVICE is not None or fused_triton.triton is None,
+                    reason="the kernels run directly here (GPU or interpreter), or no Triton")
+def test_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          __file__], env=env, cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def _pair(c, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ref = SpatialGroupEnhance(c, g)
+    with torch.no_grad():  # non-trivial gamma/beta (gamma=0 at init would hide the path)
+        ref.weight.copy_(torch.randn(ref.weight.shape, generator=gen))
+        ref.bias.copy_(torch.randn(ref.bias.shape, generator=gen))
+    fused = FusedSpatialGroupEnhance(c, g)
+    fused.load_state_dict(ref.state_dict())
+    return ref.to(DEVICE), fused.to(DEVICE)
+
+
+def _run(module, x, dy):
+    x = x.detach().requires_grad_()
+    y = module(x)
+    return (y, *torch.autograd.grad(y, [x, module.weight, module.bias], dy))
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_matches_reference(shape, channels_last):
+    n, c, h, w, g = shape
+    ref, fused = _pair(c, g)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(n, c, h, w, generator=gen) * 2 + 0.5).to(DEVICE)
+    dy = torch.randn(n, c, h, w, generator=gen).to(DEVICE)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    assert fused_triton.applies(x, g)  # what the fused op asks before taking the kernels
+    got, expect = _run(fused, x, dy), _run(ref, x, dy)
+    for a, b in zip(got, expect):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=layout)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_keep_float32_statistics(dtype):
+    # Half inputs, float32 statistics: only the rounding of the input and output differs
+    # from the float32 computation.
+    ref, fused = _pair(16, 4)
+    x = (torch.randn(3, 16, 6, 5) * 3).to(DEVICE, dtype)
+    dy = torch.randn(3, 16, 6, 5).to(DEVICE, dtype)
+    got = _run(fused, x, dy)
+    expect = _run(ref, x.float(), dy.float())
+    assert got[0].dtype == got[1].dtype == dtype
+    for a, b in zip(got, expect):
+        assert_close(a.float(), b, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_model_train_step_matches_reference():
+    # The kernels with the block's last BN folded in (DeferredBatchNorm2d), in a whole model:
+    # outputs, every gradient, and BN running statistics updated exactly once.
+    torch.manual_seed(0)
+    narrow = dict(channels=(8, 16, 32, 64), groups=4, num_classes=10)
+    ref = models.create_model("sge_resnet18", sge_impl="reference", **narrow)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("se.weight", "se.bias")):
+                p.copy_(torch.randn_like(p))
+    fused = models.create_model("sge_resnet18", sge_impl="fused", **narrow)
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    x = torch.randn(4, 3, 64, 64, device=DEVICE)
+    labels = torch.randint(0, 10, (4,), device=DEVICE)
+    out_ref, out = (model(x) for model in (ref, fused))
+    for logits in (out_ref, out):
+        nn.functional.cross_entropy(logits, labels).backward()
+    assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    ref.eval()
+    fused.eval()
+    assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_tile_too_large_falls_back_with_notice():
+    # 8 channels per group x 96*96 positions pads to 8 x 16384: over MAX_TILE.
+    ref, fused = _pair(16, 2)
+    x = torch.randn(1, 16, 96, 96, device=DEVICE)
+    fused_triton._noticed.clear()
+    with pytest.warns(UserWarning, match="PyTorch path"):
+        assert not fused_triton.applies(x, 2)
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
