@@ -67,38 +67,43 @@ def applies(z: Tensor, groups: int) -> bool:
     return True
 
 
-def _dense(t: Tensor) -> Tensor:
-    """NCHW- or NHWC-dense (the layouts the kernels index), else a contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
+def _strides(t: Tensor):
+    """``(t, (sample, channel, position) strides)``: the kernels index position p = h*W + w
+    with one stride, which holds for NCHW and NHWC tensors (others are copied first)."""
+    n, c, h, w = t.shape
+    if w == 1:
+        return t, (t.stride(0), t.stride(1), t.stride(2))
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t, (t.stride(0), t.stride(1), t.stride(3))
+    return _strides(t.contiguous())
 
 
-def _launch_args(z: Tensor, groups: int):
+def _launch_args(z: Tensor, groups: int, elems_per_thread: int):
+    """One program per (sample, group); enough warps that each thread holds about
+    ``elems_per_thread`` elements of each tile-sized tensor (registers, not spills)."""
     n, c, h, w = z.shape
-    k, p = c // groups, h * w
-    bk, bp = _blocks(k, p)
-    tile = bk * bp
-    warps = min(16, max(1, tile // 1024))  # ~32 elements of each tile tensor per thread
+    bk, bp = _blocks(c // groups, h * w)
+    warps = min(16, max(1, bk * bp // (32 * elems_per_thread)))
     return (n * groups,), dict(BLOCK_K=bk, BLOCK_P=bp, num_warps=1 << (warps.bit_length() - 1))
 
 
 def forward(z: Tensor, scale, shift, weight: Tensor, bias: Tensor, groups: int):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward``; ``scale``/``shift`` float32
     per-channel (BN folded into an affine map) or None."""
-    z = _dense(z)
+    z, z_strides = _strides(z)
     n, c, h, w = z.shape
     k, p = c // groups, h * w
     y = torch.empty_like(z)
+    assert y.stride() == z.stride()
     chat = z.new_empty((n, groups, p), dtype=torch.float32)
     sigma = z.new_empty((n, groups, 1), dtype=torch.float32)
     m = z.new_empty((n, groups, k), dtype=torch.float32)
     has_bn = scale is not None
-    grid, meta = _launch_args(z, groups)
+    grid, meta = _launch_args(z, groups, 32)
     _forward_kernel[grid](
         z, y, chat, sigma, m, scale if has_bn else z, shift if has_bn else z,
         weight.reshape(-1).contiguous(), bias.reshape(-1).contiguous(),
-        groups, k, p, w, *z.stride(), EPS, float(max(p - 1, 1)), HAS_BN=has_bn, **meta)
+        groups, k, p, *z_strides, EPS, float(max(p - 1, 1)), HAS_BN=has_bn, **meta)
     return y, chat, sigma, m
 
 
@@ -106,19 +111,21 @@ def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m
              weight: Tensor, bias: Tensor):
     """``(dx, dweight, dbias)``: the gradient with respect to SGE's input x (= BN(z) when
     ``scale`` is given; BN's own backward is left to the caller)."""
-    z, dy = _dense(z), _dense(dy)
+    z, z_strides = _strides(z)
+    dy, dy_strides = _strides(dy)
     n, c, h, w = z.shape
     groups = chat.shape[1]
     k, p = c // groups, h * w
     dx = torch.empty_like(dy)
+    assert dx.stride() == dy.stride()
     dw = chat.new_empty((n, groups))
     db = chat.new_empty((n, groups))
     has_bn = scale is not None
-    grid, meta = _launch_args(z, groups)
+    grid, meta = _launch_args(z, groups, 16)  # two tiles live at once: x and dy
     _backward_kernel[grid](
         dy, z, dx, chat, sigma, m, scale if has_bn else z, shift if has_bn else z,
         weight.reshape(-1).contiguous(), bias.reshape(-1).contiguous(), dw, db,
-        groups, k, p, w, *z.stride(), *dy.stride(), EPS, float(max(p - 1, 1)),
+        groups, k, p, *z_strides, *dy_strides, EPS, float(max(p - 1, 1)),
         HAS_BN=has_bn, **meta)
     shape = (1, groups, 1, 1)
     return (dx, dw.sum(0).view(shape).to(weight.dtype), db.sum(0).view(shape).to(bias.dtype))
@@ -127,14 +134,13 @@ def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m
 if triton is not None:
 
     @triton.jit
-    def _tile(n, g, K, P, W, s_n, s_c, s_h, s_w, BLOCK_K: tl.constexpr,
-              BLOCK_P: tl.constexpr):
-        """Offsets and mask of the (C/G x H*W) tile of sample n, group g, for any strides."""
+    def _tile(g, K, P, s_c, s_p, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Offsets (within a sample: int32) and mask of group g's (C/G x H*W) tile. A unit
+        stride is specialised by Triton, so NCHW loads vectorise along positions and NHWC
+        loads along channels."""
         kk = tl.arange(0, BLOCK_K)
         pp = tl.arange(0, BLOCK_P)
-        ch = (g * K + kk).to(tl.int64)
-        pos = ((pp // W) * s_h + (pp % W) * s_w).to(tl.int64)
-        offs = n.to(tl.int64) * s_n + ch[:, None] * s_c + pos[None, :]
+        offs = (g * K + kk)[:, None] * s_c + pp[None, :] * s_p
         mask = (kk < K)[:, None] & (pp < P)[None, :]
         return offs, mask
 
@@ -152,11 +158,14 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(z_ptr, y_ptr, chat_ptr, sigma_ptr, m_ptr, scale_ptr, shift_ptr,
-                        w_ptr, b_ptr, G, K, P, W, s_n, s_c, s_h, s_w, eps, dof,
+                        w_ptr, b_ptr, G, K, P, s_n, s_c, s_p, eps, dof,
                         HAS_BN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         row = tl.program_id(0)
         n, g = row // G, row % G
-        offs, mask = _tile(n, g, K, P, W, s_n, s_c, s_h, s_w, BLOCK_K, BLOCK_P)
+        offs, mask = _tile(g, K, P, s_c, s_p, BLOCK_K, BLOCK_P)
+        sample = n.to(tl.int64) * s_n  # y has z's strides
+        z_ptr += sample
+        y_ptr += sample
         x = _load_x(z_ptr, scale_ptr, shift_ptr, offs, mask, g, K, BLOCK_K, HAS_BN)
         kk = tl.arange(0, BLOCK_K)
         pp = tl.arange(0, BLOCK_P)
@@ -175,13 +184,16 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(dy_ptr, z_ptr, dx_ptr, chat_ptr, sigma_ptr, m_ptr, scale_ptr,
-                         shift_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, G, K, P, W,
-                         s_n, s_c, s_h, s_w, d_n, d_c, d_h, d_w, eps, dof,
+                         shift_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, G, K, P,
+                         s_n, s_c, s_p, d_n, d_c, d_p, eps, dof,
                          HAS_BN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         row = tl.program_id(0)
         n, g = row // G, row % G
-        offs, mask = _tile(n, g, K, P, W, s_n, s_c, s_h, s_w, BLOCK_K, BLOCK_P)
-        doffs, _ = _tile(n, g, K, P, W, d_n, d_c, d_h, d_w, BLOCK_K, BLOCK_P)
+        offs, mask = _tile(g, K, P, s_c, s_p, BLOCK_K, BLOCK_P)
+        doffs, _ = _tile(g, K, P, d_c, d_p, BLOCK_K, BLOCK_P)
+        z_ptr += n.to(tl.int64) * s_n
+        dy_ptr += n.to(tl.int64) * d_n  # dx has dy's strides
+        dx_ptr += n.to(tl.int64) * d_n
         x = _load_x(z_ptr, scale_ptr, shift_ptr, offs, mask, g, K, BLOCK_K, HAS_BN)
         dy = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32)
         kk = tl.arange(0, BLOCK_K)
