@@ -66,31 +66,49 @@ def _affine(bn_weight, bn_bias, mean, var, eps, ct):
     return scale, shift if bn_bias is None else shift.add_(bn_bias.to(ct)), invstd
 
 
-def _apply_norm(z, bn_weight, bn_bias, mean, var, eps):
+def _apply_norm(z, bn_weight, bn_bias, mean, var, eps, out=None):
     """``BN(z)`` with the given statistics, by BatchNorm's own kernel (eval mode: no stats
-    update). A broadcast ``addcmul`` does the same maths 1.3-4x slower on CPU: its
-    per-channel operands are not contiguous along the inner dimension, so it does not
-    vectorize."""
-    return nn.functional.batch_norm(z, mean, var, bn_weight, bn_bias, False, 0.0, eps)
+    update), into ``out`` when given. A broadcast ``addcmul`` does the same maths 1.3-4x
+    slower on CPU: its per-channel operands are not contiguous along the inner dimension,
+    so it does not vectorize."""
+    if out is None or mean.dtype != z.dtype:  # the out= form takes no mixed dtypes
+        x = nn.functional.batch_norm(z, mean, var, bn_weight, bn_bias, False, 0.0, eps)
+        return x if out is None else out.copy_(x)
+    none = z.new_empty(0)
+    return torch.ops.aten.native_batch_norm.out(z, bn_weight, bn_bias, mean, var, False, 0.0,
+                                                eps, out=out, save_mean=none, save_invstd=none)[0]
 
 
-def _gate(chat: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _gate(chat: Tensor, weight: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     g = chat.shape[1]
     return torch.addcmul(bias.reshape(1, g, 1).to(chat.dtype), chat,
-                         weight.reshape(1, g, 1).to(chat.dtype)).sigmoid_()
+                         weight.reshape(1, g, 1).to(chat.dtype), out=out).sigmoid_()
 
 
 # A float32 copy of a float16/bfloat16 feature map is twice its size; the products below
 # convert at most this many elements at a time, so statistics stay float32 without one.
-_CHUNK = 1 << 22
+_CONVERT = 1 << 22
+# On CPU the op works through the batch a few samples at a time, about this many bytes of
+# feature map each: its several passes over a chunk then read the last-level cache
+# (32 MB here) instead of memory. Every statistic is per sample, so chunks are independent.
+_CPU_CHUNK_BYTES = 8 << 20
 
 
-def _bmm(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.bmm(a, b)`` in ``a``'s dtype, converting ``b`` (possibly narrower) in chunks."""
+def _chunks(z: Tensor) -> tuple[int, list[slice]]:
+    """``(most samples in a chunk, the chunks)``."""
+    n = z.shape[0]
+    if z.device.type != "cpu" or n == 0:
+        return n, [slice(0, n)]
+    step = min(n, max(1, _CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size())))
+    return step, [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``torch.bmm(a, b, out=out)`` in ``a``'s dtype, converting ``b`` (possibly narrower)
+    a slice at a time."""
     if b.dtype == a.dtype:
-        return torch.bmm(a, b)
-    out = a.new_empty((a.shape[0], a.shape[1], b.shape[2]))
-    step = max(1, _CHUNK // max(1, b[0].numel()))
+        return torch.bmm(a, b, out=out)
+    step = max(1, _CONVERT // max(1, b[0].numel()))
     for i in range(0, a.shape[0], step):
         torch.bmm(a[i:i + step], b[i:i + step].to(a.dtype), out=out[i:i + step])
     return out
@@ -99,77 +117,73 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 # Per-position tensors are only C/G = 4 times smaller than the feature map in ResNet's first
 # stage (256 channels, G=64), so each elementwise op on them counts: reductions over a
 # group's channels are batched matrix-vector products (a few times faster than sum/mul
-# along a middle dimension), and addcmul / sigmoid_backward fuse pairs of ops. Measured per
-# op at ResNet-50's shapes (batch 16, 2 threads): see docs/benchmarks.md, "SGE cost".
+# along a middle dimension), and addcmul / sigmoid_backward fuse pairs of ops.
 
-def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps):
-    """Return ``(y, chat, sigma, m)`` for ``x = BN(z)`` (or ``x = z`` when ``mean`` is None).
+def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps, keep=True):
+    """Return ``(y, chat, sigma, m)`` for ``x = BN(z)`` (or ``x = z`` when ``mean`` is None);
+    with ``keep`` False (no backward will run) the last three are empty.
 
-    Every output owns its storage (no views): custom-op outputs must not be views.
+    Every output owns its storage (no views): custom-op outputs must not be views. On CPU,
+    fresh memory costs page faults on first touch (about a third of a pass over it), so
+    per-chunk temporaries live in one workspace allocated once per call.
     """
     n, c, h, w = z.shape
-    k, p, ng = c // groups, h * w, n * groups
     ct = _compute_dtype(z.dtype)
     zc = z.contiguous()
-    m = zc.view(n, c, p).mean(2, dtype=ct)                         # channel means of z ...
+    step, chunks = _chunks(zc)
+    y = torch.empty_like(zc)
+    rows = n if keep else step
+    chat = zc.new_empty((rows, groups, h * w), dtype=ct)
+    sigma = zc.new_empty((rows, groups, 1), dtype=ct)
+    m = zc.new_empty((rows, groups, c // groups), dtype=ct)
+    gate = zc.new_empty((step, groups, h * w), dtype=ct)
+    for i in chunks:
+        j = i if keep else slice(0, i.stop - i.start)
+        _forward_chunk(zc[i], y[i], chat[j], sigma[j], m[j], gate, bn_weight, bn_bias, mean,
+                       var, bn_eps, weight, bias)
+    if not keep:
+        chat, sigma, m = (zc.new_empty(0, dtype=ct) for _ in range(3))
+    return _keep_format(y, z), chat, sigma, m
+
+
+def _forward_chunk(z, y, chat, sigma, m, gate, bn_weight, bn_bias, mean, var, bn_eps, weight,
+                   bias):
+    """``sge_forward`` for some samples, into their slices of the outputs."""
+    n, c, h, w = z.shape
+    g = chat.shape[1]
+    k, p, ng = c // g, h * w, n * g
     if mean is None:
-        dot = m                                                     # c = <m, x>
-    else:  # ... and of x; c = <m * scale, z> + <m, shift>, the constant cancels below
-        scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
-        m = torch.addcmul(shift, m, scale)
-        dot = m * scale
-    chat = _bmm(dot.view(ng, 1, k), zc.view(ng, k, p)).view(n, groups, p)
+        x = z
+    else:  # BN first: the passes below then read x from cache, not z from memory
+        x = _apply_norm(z, bn_weight, bn_bias, mean, var, bn_eps, out=y)
+    torch.mean(x.view(n, c, p), 2, dtype=m.dtype, out=m.view(n, c))  # channel means g
+    _bmm(m.view(ng, 1, k), x.view(ng, k, p), chat.view(ng, 1, p))   # c = <g, x>
     chat.sub_(chat.mean(2, keepdim=True))
     # Unbiased std (var_mean's inner-dim Welford measured 80x slower than this norm); with
     # H*W == 1, c - mean(c) == 0 and std 0, so c_hat = 0 like the reference.
-    sigma = torch.linalg.vector_norm(chat, dim=2, keepdim=True).div_(max(p - 1, 1) ** 0.5)
+    torch.linalg.vector_norm(chat, dim=2, keepdim=True, out=sigma)
+    sigma.div_(max(p - 1, 1) ** 0.5)
     chat.div_(sigma + EPS)
-    gate = _gate(chat, weight, bias).to(z.dtype).view(ng, 1, p)    # rounded as the reference
-    if mean is None:
-        y = torch.empty_like(zc)
-        torch.mul(zc.view(ng, k, p), gate, out=y.view(ng, k, p))
-    else:
-        y = _apply_norm(zc, bn_weight, bn_bias, mean, var, bn_eps)
-        y.view(ng, k, p).mul_(gate)
-    return _keep_format(y, z), chat, sigma, m.view(n, groups, k)
+    s = _gate(chat, weight, bias, gate[:n]).to(z.dtype).view(ng, 1, p)  # rounded as the ref.
+    torch.mul(x.view(ng, k, p), s, out=y.view(ng, k, p))
 
 
 def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
                  bn_training, bn_eps):
     """Return ``(dz, dweight, dbias, dbn_weight, dbn_bias)``."""
-    n, c, h, w = dy.shape
-    g, p = chat.shape[1], h * w
-    k, ng, ct = c // g, n * g, chat.dtype
+    ct = chat.dtype
     zc, dyc = z.contiguous(), dy.contiguous()
-    dy3 = dyc.view(ng, k, p)
-    # One full-size scratch buffer: x * dy, and later dx.
-    if mean is None:
-        scale = invstd = None
-        buf = torch.mul(zc.to(ct), dyc)
-    else:
-        scale, _, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
-        buf = _apply_norm(zc, bn_weight, bn_bias, mean, var, bn_eps).to(ct).mul_(dyc)
-    ds = torch.bmm(chat.new_ones((1, 1, k)).expand(ng, 1, k), buf.view(ng, k, p))
-    s = _gate(chat, weight, bias)
-    da = torch.ops.aten.sigmoid_backward(ds.view(n, g, p), s)
-    da_chat = (da * chat).sum(2, keepdim=True)
-    da_sum = da.sum(2, keepdim=True)
-    da_mean = da_sum / p
-    dweight = da_chat.sum(0).view(1, g, 1, 1).to(weight.dtype, copy=True)
-    dbias = da_sum.sum(0).view(1, g, 1, 1).to(bias.dtype, copy=True)
-    # dc = gamma/(sigma+eps) * (da - mean(da) + chat * b); sigma == 0 means chat == 0 (no 0/0).
-    coef_b = -(sigma + EPS) * da_chat / torch.where(sigma > 0, sigma, 1.0).mul_(max(p - 1, 1))
-    dc = torch.addcmul(-da_mean, chat, coef_b).add_(da)
-    dc.mul_(weight.reshape(1, g, 1).to(ct) / (sigma + EPS))
-    # dm_k = sum_p z_kp dc_p as (1 x P) @ (P x K): 3-8x faster than (K x P) @ (P x 1) here.
-    dm = _bmm(dc.view(ng, 1, p), zc.view(ng, k, p).transpose(1, 2))  # (NG, 1, K)
-    if scale is not None:
-        dm = dm.view(n, c).mul_(scale)
-    # dx = dy * s + dm / P, then + m (x) dc as a batched rank-1 update, into the scratch.
-    dx = buf.view(ng, k, p)
-    torch.addcmul(dm.view(ng, k, 1).div_(p), dy3, s.view(ng, 1, p), out=dx)
-    dx.baddbmm_(m.view(ng, k, 1), dc.view(ng, 1, p))
-    dx = dx.view(n, c, h, w).to(dy.dtype)
+    scale, _, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
+    # One full-size scratch buffer: x * dy, then dx.
+    buf = torch.empty_like(dyc, dtype=ct)
+    dparams = chat.new_zeros((2, chat.shape[1]))                    # dgamma, dbeta
+    step, chunks = _chunks(zc)
+    work = chat.new_empty((3, step) + chat.shape[1:])
+    for i in chunks:
+        _backward_chunk(dyc[i], zc[i], buf[i], chat[i], sigma[i], m[i], work, bn_weight,
+                        bn_bias, mean, var, bn_eps, scale, weight, bias, dparams)
+    dweight, dbias = (d.view(weight.shape).to(weight.dtype, copy=True) for d in dparams)
+    dx = buf.to(dy.dtype)
     if scale is None:  # custom-op outputs cannot be None: empty stands for "no gradient"
         return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
     dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, zc, bn_weight, mean, invstd, scale,
@@ -177,21 +191,51 @@ def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, b
     return _keep_format(dz, dy), dweight, dbias, dbn_weight, dbn_bias
 
 
+def _backward_chunk(dy, z, buf, chat, sigma, m, work, bn_weight, bn_bias, mean, var, bn_eps,
+                    scale, weight, bias, dparams):
+    """``sge_backward`` up to dx for some samples: dx into ``buf``, parameter gradients
+    added to ``dparams``; ``work`` holds three per-position temporaries."""
+    n, c, h, w = dy.shape
+    g = chat.shape[1]
+    k, p, ng = c // g, h * w, n * g
+    ct = chat.dtype
+    da, s, dc = (t[:n] for t in work)
+    if mean is None:
+        torch.mul(z.to(ct), dy, out=buf)
+    elif buf.dtype == z.dtype:
+        _apply_norm(z, bn_weight, bn_bias, mean, var, bn_eps, out=buf).mul_(dy)
+    else:
+        buf.copy_(_apply_norm(z, bn_weight, bn_bias, mean, var, bn_eps)).mul_(dy)
+    ones = chat.new_ones((1, 1, k)).expand(ng, 1, k)
+    torch.bmm(ones, buf.view(ng, k, p), out=da.view(ng, 1, p))     # ds = sum_k x dy
+    _gate(chat, weight, bias, s)
+    torch.ops.aten.sigmoid_backward.grad_input(da, s, grad_input=da)
+    da_chat = torch.mul(da, chat, out=dc).sum(2, keepdim=True)
+    da_sum = da.sum(2, keepdim=True)
+    dparams[0].add_(da_chat.sum(0).view(g))
+    dparams[1].add_(da_sum.sum(0).view(g))
+    # dc = gamma/(sigma+eps) * (da - mean(da) + chat * b); sigma == 0 means chat == 0 (no 0/0).
+    coef_b = -(sigma + EPS) * da_chat / torch.where(sigma > 0, sigma, 1.0).mul_(max(p - 1, 1))
+    torch.addcmul(da_sum.div_(-p), chat, coef_b, out=dc).add_(da)
+    dc.mul_(weight.reshape(1, g, 1).to(ct) / (sigma + EPS))
+    # dm_k = sum_p z_kp dc_p as (1 x P) @ (P x K): 3-8x faster than (K x P) @ (P x 1) here.
+    dm = _bmm(dc.view(ng, 1, p), z.view(ng, k, p).transpose(1, 2), chat.new_empty((ng, 1, k)))
+    if scale is not None:
+        dm = dm.view(n, c).mul_(scale)
+    # dx = dy * s + dm / P, then + m (x) dc as a batched rank-1 update, into the scratch.
+    dx = buf.view(ng, k, p)
+    torch.addcmul(dm.view(ng, k, 1).div_(p), dy.view(ng, k, p), s.view(ng, 1, p), out=dx)
+    dx.baddbmm_(m.view(ng, k, 1), dc.view(ng, 1, p))
+
+
 def _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale, training, eps):
-    """BatchNorm2d's backward; on CPU it writes dz over dx (its kernel reads each element
-    before writing it), which saves a fresh full-size allocation per block."""
+    """BatchNorm2d's backward. (Not its ``.out`` form into dx: on CPU that is the
+    functional op plus a copy, measured slower.)"""
     affine = bn_weight is not None
     if training:
         mask = [True, affine, affine]
-        if dx.device.type == "cpu":
-            dw, db = torch.empty_like(mean), torch.empty_like(mean)
-            torch.ops.aten.native_batch_norm_backward.out(
-                dx, z, bn_weight, None, None, mean, invstd, True, eps, mask,
-                out0=dx, out1=dw, out2=db)
-            dz = dx
-        else:
-            dz, dw, db = torch.ops.aten.native_batch_norm_backward(
-                dx, z, bn_weight, None, None, mean, invstd, True, eps, mask)
+        dz, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dx, z, bn_weight, None, None, mean, invstd, True, eps, mask)
     else:  # running statistics: BN is a fixed per-channel affine map
         dims = (0, 2, 3)
         db = dx.sum(dims, dtype=scale.dtype)
@@ -216,20 +260,24 @@ def _no_autocast(t: Tensor):
 @torch.library.custom_op("sge::fused_forward", mutates_args=())
 def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
-                   bias: Tensor, groups: int, bn_training: bool, bn_eps: float
+                   bias: Tensor, groups: int, bn_training: bool, bn_eps: float, keep: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # bn_training is only kept for the backward.
+    # bn_training is only kept for the backward; keep: whether a backward will run.
     with _no_autocast(z):
         if fused_triton.applies(z, groups):
             scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
-            return fused_triton.forward(z, scale, shift, weight, bias, groups)
-        return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps)
+            y, *stats = fused_triton.forward(z, scale, shift, weight, bias, groups)
+            return y, *(s if keep else s.new_empty(0) for s in stats)
+        return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
+                           keep)
 
 
 @_fused_forward.register_fake
-def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_eps):
+def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_eps, keep):
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
+    if not keep:
+        return (torch.empty_like(z), *(z.new_empty(0, dtype=ct) for _ in range(3)))
     return (torch.empty_like(z), z.new_empty((n, groups, h * w), dtype=ct),
             z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
 
@@ -271,7 +319,7 @@ def _(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_tra
 
 
 def _setup_context(ctx, inputs, output):
-    z, bn_weight, bn_bias, mean, var, weight, bias, _, bn_training, bn_eps = inputs
+    z, bn_weight, bn_bias, mean, var, weight, bias, _, bn_training, bn_eps, _ = inputs
     _, chat, sigma, m = output
     ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias)
     ctx.bn = (bn_training, bn_eps)
@@ -283,7 +331,7 @@ def _backward(ctx, dy, *_stat_grads):
         dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
     if dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
-    return dz, dbn_weight, dbn_bias, None, None, dweight, dbias, None, None, None
+    return dz, dbn_weight, dbn_bias, None, None, dweight, dbias, None, None, None, None
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -368,7 +416,11 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         else:  # x is the conv output; BN happens inside the op
             bn, stats = (norm.weight, norm.bias), _batch_stats(norm, x)
             bn_args = (norm.training or not norm.track_running_stats, norm.eps)
-        return _fused_forward(x, *bn, *stats, self.weight, self.bias, self.groups, *bn_args)[0]
+        # Without a backward to come the op keeps no statistics (inference allocates less).
+        keep = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, *bn, self.weight, self.bias))
+        return _fused_forward(x, *bn, *stats, self.weight, self.bias, self.groups, *bn_args,
+                              keep)[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"
