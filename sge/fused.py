@@ -100,7 +100,7 @@ def _chunks(z: Tensor) -> tuple[int, list[slice]]:
     if z.device.type != "cpu" or n == 0:
         return n, [slice(0, n)]
     step = min(n, max(1, _CPU_CHUNK_BYTES // max(1, z[0].numel() * z.element_size())))
-    return step, [slice(i, i + step) for i in range(0, n, step)]
+    return step, [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:

@@ -219,3 +219,45 @@ def test_bad_input_is_named():
     block.norm = nn.GroupNorm(2, 16)
     with pytest.raises(ValueError, match="BatchNorm2d"):
         FusedSpatialGroupEnhance(16, 4).defer_norm(block, "norm")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_cpu_chunks_match_reference(monkeypatch, training, per_chunk):
+    # On CPU the op goes through the batch a few samples at a time (cache-sized chunks;
+    # ResNet-sized maps split, these tiny ones would not): a batch of 5 in chunks of 1, or 2
+    # with a remainder, must still give BN + reference SGE's output, gradients and stats.
+    import sge.fused as fused_mod
+    n, c, g, h, w = 5, 6, 3, 4, 3
+    monkeypatch.setattr(fused_mod, "_CPU_CHUNK_BYTES", per_chunk * c * h * w * 8)
+    block = _bound(c, g, training)
+    bn = nn.BatchNorm2d(c).double()
+    bn.load_state_dict(block.bn.state_dict())
+    ref = SpatialGroupEnhance(c, g).double()
+    ref.load_state_dict(block.se.state_dict())
+    bn.train(training)
+    x = torch.randn(n, c, h, w, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn_like(x)
+    results = []
+    for norm, sge in ((block.bn, block.se), (bn, ref)):
+        xi = x.clone().requires_grad_()
+        y = sge(norm(xi))
+        grads = torch.autograd.grad(y, [xi, norm.weight, norm.bias, sge.weight, sge.bias], dy)
+        results.append((y, *grads, norm.running_mean.clone(), norm.running_var.clone()))
+        with torch.no_grad():  # inference keeps no statistics: same output
+            assert_close(sge(norm(x)), y.detach())
+    for a, b in zip(*results):
+        assert_close(a, b)
+
+
+def test_half_maps_convert_in_slices(monkeypatch):
+    # bfloat16 maps: the products convert a slice at a time to float32 (no full-size float32
+    # copy); one matrix per slice must give what one slice for all gives.
+    import sge.fused as fused_mod
+    _, layer = _pair(16, 4, torch.float32)
+    x = (torch.randn(3, 16, 6, 5) * 3).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    whole = _run(layer, x, dy)
+    monkeypatch.setattr(fused_mod, "_CONVERT", 1)
+    for a, b in zip(_run(layer, x, dy), whole):
+        assert_close(a, b)
