@@ -15,7 +15,8 @@ torchvision geometry (short side -> ``val_resize`` with ``int()`` truncation of 
 side, ``round()``-ed center crop) is mapped back onto the source image and handed to
 ``fn.resize`` as a fractional ROI with antialiased linear filtering, which is what PIL's
 bilinear resize computes: the val tensors agree with torchvision to ~0.003 in normalized
-units (tests/test_dali.py pins it).
+units (tests/test_dali.py pins it). Train resizes its crop with plain (not antialiased)
+linear interpolation unless ``train_antialias`` (see ``_define_graph``).
 
 Bad files: a header that does not parse is caught while feeding; a decode failure surfaces
 as a pipeline error, after which every file still in flight is decoded alone to find the
@@ -112,14 +113,19 @@ def train_window(height: int, width: int, min_scale: float, hflip: bool, seed: i
 # ---------------------------------------------------------------- the pipeline
 
 def _define_graph(fn, types, source, train: bool, device: str, out_size: int, dtype,
-                  layout: str):
+                  layout: str, train_antialias: bool):
     """The one graph; ``device`` ("gpu"|"cpu") only picks the operators' backends."""
     decoder = "mixed" if device == "gpu" else "cpu"
     # jpeg_fancy_upsampling: nvJPEG's chroma upsampling made equal to libjpeg's (PIL, CPU);
     # adjust_orientation off: torchvision/PIL ignore EXIF orientation too.
     opts = dict(device=decoder, output_type=types.RGB, adjust_orientation=False,
                 jpeg_fancy_upsampling=True)
-    resize = dict(size=[out_size, out_size], interp_type=types.INTERP_LINEAR, antialias=True)
+    # Val is antialiased (PIL's filter: top-1 must agree with torchvision). Train skips the
+    # antialias by default, as NVIDIA's DALI ImageNet recipe does: it is a random
+    # augmentation, and the antialiased CPU resize is DALI's costliest op (~20% of the CPU
+    # time per image on 2 cores, docs/benchmarks.md); the crop windows stay torchvision's.
+    resize = dict(size=[out_size, out_size], interp_type=types.INTERP_LINEAR,
+                  antialias=train_antialias or not train)
     if train:
         jpegs, labels, anchor, shape, flip = fn.external_source(source, num_outputs=5,
                                                                 batch=True)
@@ -191,12 +197,14 @@ class DaliLoader:
     def __init__(self, samples, classes, *, train: bool, batch_size: int, out_size: int,
                  val_resize: int, min_scale: float, hflip: bool, threads: int, seed: int,
                  rank: int, world: int, device: str, device_id: int | None,
-                 dtype: torch.dtype, channels_last: bool, on_bad_file: str):
+                 dtype: torch.dtype, channels_last: bool, on_bad_file: str,
+                 train_antialias: bool):
         self.samples, self.classes, self.train = samples, list(classes), train
         self.batch_size, self.out_size, self.val_resize = batch_size, out_size, val_resize
         self.min_scale, self.hflip, self.threads, self.seed = min_scale, hflip, threads, seed
         self.rank, self.world, self.device, self.device_id = rank, world, device, device_id
         self.dtype, self.channels_last, self.on_bad_file = dtype, channels_last, on_bad_file
+        self.train_antialias = train_antialias
         self.epoch, self.start_batch = 0, 0
         self.bad_files: set[str] = set()
         self.out_device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
@@ -242,7 +250,8 @@ class DaliLoader:
         with pipe:
             pipe.set_outputs(*_define_graph(fn, types, feeder, self.train, self.device,
                                             self.out_size, dtype,
-                                            "HWC" if self.channels_last else "CHW"))
+                                            "HWC" if self.channels_last else "CHW",
+                                            self.train_antialias))
         pipe.build()
         return pipe
 
@@ -339,8 +348,11 @@ def build_dali_loader(samples, classes, split: str, batch_size: int, img_size: i
                       hflip: bool = True, threads: int = 4, seed: int = 0, rank: int = 0,
                       world: int = 1, device: str = "auto", device_id: int | None = None,
                       dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                      on_bad_file: str = "error") -> DaliLoader:
+                      on_bad_file: str = "error", train_antialias: bool = False) -> DaliLoader:
     """A DALI loader over ``samples`` ((path, label) of this split, sorted) for this rank.
+
+    ``train_antialias``: antialias the train resize as PIL/torchvision do (the same tensors
+    up to rounding); off by default, see ``_define_graph``.
 
     ``device``: "gpu" (mixed decode, GPU ops on ``device_id``), "cpu" (CPU ops; the output
     goes to cuda:``device_id`` when given, else stays on the CPU) or "auto".
@@ -358,4 +370,5 @@ def build_dali_loader(samples, classes, split: str, batch_size: int, img_size: i
                       out_size=img_size if train else val_img_size, val_resize=val_resize,
                       min_scale=min_scale, hflip=hflip, threads=max(1, threads), seed=seed,
                       rank=rank, world=world, device=device, device_id=device_id, dtype=dtype,
-                      channels_last=channels_last, on_bad_file=on_bad_file)
+                      channels_last=channels_last, on_bad_file=on_bad_file,
+                      train_antialias=train_antialias)

@@ -179,7 +179,9 @@ def agreement(root: Path, images: int) -> dict:
     """DALI vs the torchvision presets on the same files: |difference| in normalized units.
 
     Train compares the same crop windows and flips (both draw them from (seed, epoch,
-    index)), so what is left in either split is decoder and resampler rounding.
+    index)), so what is left is decoder and resampler rounding, plus, in DALI's default
+    train pipeline, the missing antialias ("train"); "train_antialiased" is DALI with
+    ``train_antialias=True``, PIL's filter.
     """
     import torch
 
@@ -192,19 +194,22 @@ def agreement(root: Path, images: int) -> dict:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     result = {}
-    for split, preset in (("train", TrainPreset(224)), ("val", ValPreset(256, 224))):
+    for name, split, antialias in (("train", "train", False),
+                                   ("train_antialiased", "train", True), ("val", "val", True)):
+        preset = TrainPreset(224) if split == "train" else ValPreset(256, 224)
         classes, samples = scan_split(root, split)
         samples = samples[:images]
-        loader = build_dali_loader(samples, classes, split, 32, threads=2, device="cpu")
+        loader = build_dali_loader(samples, classes, split, 32, threads=2, device="cpu",
+                                   train_antialias=antialias)
         dali = torch.cat([x for x, _ in loader])
         order = (train_indices(len(samples), 0, 0, 0, 1, 32) if split == "train"
                  else range(len(samples)))
         ref = torch.stack([preset(load_rgb(samples[i][0]), sample_rng(0, 0, i))
                            for i in order]).float()
         diff = (dali - (ref - mean) / std).abs()
-        result[f"dali_{split}_mean_abs_diff"] = round(diff.mean().item(), 5)
-        result[f"dali_{split}_max_abs_diff"] = round(diff.max().item(), 4)
-        result[f"dali_{split}_images_compared"] = len(dali)
+        result[f"dali_{name}_mean_abs_diff"] = round(diff.mean().item(), 5)
+        result[f"dali_{name}_max_abs_diff"] = round(diff.max().item(), 4)
+        result[f"dali_{name}_images_compared"] = len(dali)
     return result
 
 
@@ -284,7 +289,7 @@ def print_table(result: dict) -> None:
         print(f"{split}: DALI / torchvision backend {result[f'dali_{split}_speedup']}x images/s, "
               f"{result[f'dali_{split}_cpu_saving']}x less CPU per image; DALI / textbook "
               f"recipe {result[f'dali_{split}_speedup_over_classic']}x images/s")
-    for split in ("train", "val"):
+    for split in ("train", "train_antialiased", "val"):
         if f"dali_{split}_mean_abs_diff" in result:
             print(f"{split} tensors, DALI vs torchvision on the same "
                   f"{result[f'dali_{split}_images_compared']} files: mean |diff| "
