@@ -170,25 +170,58 @@ def _forward_chunk(z, y, chat, sigma, m, gate, bn_weight, bn_bias, mean, var, bn
 
 def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
                  bn_training, bn_eps):
-    """Return ``(dz, dweight, dbias, dbn_weight, dbn_bias)``."""
+    """Return ``(dz, dweight, dbias, dbn_weight, dbn_bias)``.
+
+    With BN, its backward is done here too, in two sweeps over the chunks: the first
+    writes dx and sums ``dx`` and ``dx * z`` per channel while the chunk is in cache, the
+    second turns dx into dz in place. ATen's BN backward would read dx and z twice more
+    from memory and allocate dz (page faults).
+    """
+    n, c, h, w = dy.shape
     ct = chat.dtype
     zc, dyc = z.contiguous(), dy.contiguous()
     scale, _, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
-    # One full-size scratch buffer: x * dy, then dx.
+    # One full-size scratch buffer: x * dy, then dx, then dz.
     buf = torch.empty_like(dyc, dtype=ct)
     dparams = chat.new_zeros((2, chat.shape[1]))                    # dgamma, dbeta
     step, chunks = _chunks(zc)
     work = chat.new_empty((3, step) + chat.shape[1:])
+    if scale is not None:
+        sums = chat.new_zeros((2, c))                               # sum dx, sum dx * z
+        prod = chat.new_empty((step, c, h * w))
     for i in chunks:
         _backward_chunk(dyc[i], zc[i], buf[i], chat[i], sigma[i], m[i], work, bn_weight,
                         bn_bias, mean, var, bn_eps, scale, weight, bias, dparams)
+        if scale is not None:
+            dx3, z3 = buf[i].flatten(2), zc[i].flatten(2)
+            sums[0].add_(dx3.sum((0, 2)))
+            sums[1].add_(torch.mul(dx3, z3, out=prod[:len(dx3)]).sum((0, 2)))
     dweight, dbias = (d.view(weight.shape).to(weight.dtype, copy=True) for d in dparams)
-    dx = buf.to(dy.dtype)
     if scale is None:  # custom-op outputs cannot be None: empty stands for "no gradient"
-        return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
-    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, zc, bn_weight, mean, invstd, scale,
-                                                    bn_training, bn_eps)
-    return _keep_format(dz, dy), dweight, dbias, dbn_weight, dbn_bias
+        return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+    # BN: dbeta = sum dx, dgamma = sum dx * xhat; dz = scale * dx in eval mode, and with batch
+    # statistics dz = scale * (dx - mean(dx) - xhat * mean(dx * xhat)) = a dx + b z + d.
+    sum_dx, sum_dxc = sums[0], sums[1].sub_(mean.to(ct) * sums[0])  # sum dx * (z - mean)
+    coef = [t if t is None else t.view(1, c, 1) for t in _dz_coefficients(
+        scale, invstd, mean.to(ct), sum_dx, sum_dxc, n * h * w, bn_training)]
+    for i in chunks:
+        dx3 = buf[i].flatten(2).mul_(coef[0])
+        if bn_training:
+            dx3.addcmul_(zc[i].flatten(2), coef[1]).add_(coef[2])
+    if bn_weight is None:
+        dbn_weight = dbn_bias = dy.new_empty(0)
+    else:
+        dbn_weight = (sum_dxc * invstd).to(bn_weight.dtype)
+        dbn_bias = sum_dx.to(bn_weight.dtype)
+    return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, dbn_weight, dbn_bias
+
+
+def _dz_coefficients(scale, invstd, mean, sum_dx, sum_dxc, count, training):
+    """Per-channel ``(a, b, d)`` with BN's input gradient ``dz = a * dx + b * z + d``."""
+    if not training:
+        return scale, None, None
+    k = sum_dxc * invstd * invstd / count
+    return scale, -scale * k, scale * (k * mean - sum_dx / count)
 
 
 def _backward_chunk(dy, z, buf, chat, sigma, m, work, bn_weight, bn_bias, mean, var, bn_eps,
