@@ -239,3 +239,27 @@ def test_build_loader_dispatches_config_keys(root):
     direct = _collect(_loader(root, "val", batch_size=5)[0])[1]
     assert torch.equal(_collect(val)[1], direct)
     assert next(iter(train))[0].shape == (5, 3, 24, 24)
+
+
+def test_bench_cpu_window_counts_a_worker_once():
+    """scripts/bench_data.py's CPU figure: a worker process counts while it runs and after it
+    has exited and been reaped, exactly once (the old figure could not see live workers)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_data
+
+    if bench_data.loader_cpu_seconds() is None:
+        pytest.skip("no Linux /proc")
+    burn = ("import sys, time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\nprint('burnt', flush=True)\n"
+            "sys.stdin.read()")
+    start = bench_data.loader_cpu_seconds()
+    worker = subprocess.Popen([sys.executable, "-S", "-c", burn], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "burnt"
+    live = bench_data.loader_cpu_seconds() - start
+    worker.stdin.close()
+    worker.wait()
+    reaped = bench_data.loader_cpu_seconds() - start
+    # 0.4 s of busy loop plus the interpreter's start-up (<0.3 s); twice would be >= 0.8.
+    assert 0.39 <= live < 0.7 and 0.39 <= reaped < 0.7
+    assert abs(reaped - live) < 0.1
