@@ -236,11 +236,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(*, model, optimizer, schedule, scaler, ema, epoch: int, step_in_epoch: int,
-                   global_step: int, config: dict, best: dict, counters: dict) -> dict:
+                   global_step: int, config: dict, best: dict, counters: dict,
+                   steps_per_epoch: int | None = None) -> dict:
     """Everything needed to continue exactly. ``epoch`` is the 0-based epoch in progress and
     ``step_in_epoch`` the optimizer steps of it already done (an epoch whose training is done
     but whose validation is pending has ``step_in_epoch`` = its number of steps)."""
     return {
+        "steps_per_epoch": steps_per_epoch,
         "format": "sge-imagenet-train/1",
         "model": normalize_keys(model.state_dict()),
         "optimizer": optimizer.state_dict(),
@@ -270,7 +272,19 @@ _TRAINING_KEYS = ("model", "optimizer", "schedule", "scaler", "ema", "epoch", "s
                   "global_step", "rng", "config", "best", "counters")
 
 
-def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config: dict) -> dict:
+def check_same_epoch_length(path, saved: int | None, steps_per_epoch: int | None) -> None:
+    """An epoch of another length would resume mid-epoch at a meaningless position (the
+    schedule, the sample order and ``step_in_epoch`` all count steps of the old length)."""
+    if saved is not None and steps_per_epoch is not None and saved != steps_per_epoch:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with {saved} optimizer steps per epoch, "
+            f"this config gives {steps_per_epoch} (data.batch_size, the number of processes, "
+            f"train.accum_steps or train.steps_per_epoch changed); resume with the original "
+            f"values, or use another output.dir or train.resume=never")
+
+
+def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config: dict,
+                        steps_per_epoch: int | None = None) -> dict:
     """Restore every training object from ``path``; return epoch/step/best/counters.
 
     RNG states are returned (under ``"rng"``), not applied: the caller applies them once the
@@ -287,6 +301,7 @@ def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config
         raise CheckpointError(f"checkpoint {path} is an incomplete or damaged training "
                               f"checkpoint (missing or malformed: {what})")
     check_same_model(path, state["config"], config)
+    check_same_epoch_length(path, state.get("steps_per_epoch"), steps_per_epoch)
     check_finite(state["model"], path)
     try:
         model.load_state_dict(state["model"], strict=True)

@@ -356,7 +356,7 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
     if path is not None:
         state = checkpoint.load_training_state(
             path, model=parts.plain, optimizer=parts.optimizer, schedule=parts.schedule,
-            scaler=parts.scaler, ema=parts.ema, config=config)
+            scaler=parts.scaler, ema=parts.ema, config=config, steps_per_epoch=num_steps)
         progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"],
                             state["counters"], state["best"])
         rng = state["rng"]
@@ -370,7 +370,8 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
             model=parts.plain, optimizer=parts.optimizer, schedule=parts.schedule,
             scaler=parts.scaler, ema=parts.ema, epoch=progress.epoch,
             step_in_epoch=progress.step_in_epoch, global_step=progress.global_step,
-            config=config, best=progress.best, counters=progress.counters)
+            config=config, best=progress.best, counters=progress.counters,
+            steps_per_epoch=num_steps)
         return checkpoint.save_last(state, ckpt_dir, cfg.train.keep_epoch_ckpts, epoch_end)
 
     log.info(f"training {cfg.model.name} on {distributed.world_size()} process(es) "

@@ -197,6 +197,17 @@ def test_resume_with_another_model_is_an_error(folder, tmp_path, uninterrupted):
         engine.fit(cfg)
 
 
+def test_resume_with_another_epoch_length_is_an_error(folder, tmp_path, uninterrupted):
+    # uninterrupted: 24 images / batch 4 / 2 accumulated = 3 steps per epoch; capped to 2 here.
+    last = uninterrupted / "checkpoints" / "last.pt"
+    cfg = tiny_config(folder, tmp_path, *RESUME, "train.steps_per_epoch=2",
+                      f"train.resume={last}")
+    with pytest.raises(CheckpointError, match="written with 3 optimizer steps per epoch, this "
+                                              "config gives 2"):
+        engine.fit(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss(folder, tmp_path, monkeypatch, policy):
     _intercept_train_batches(monkeypatch, lambda n, images: images * math.nan if n == 4 else images)
