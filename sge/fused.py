@@ -15,7 +15,15 @@ applies that BN itself, ``x = z * scale + shift`` from the conv output ``z`` and
 statistics, without ever storing ``x``: the forward allocates only ``y`` (where ResNet
 allocates the BN output) and the backward recomputes ``x`` from ``z``, which BN's backward
 needs anyway. Batch statistics come from ``torch.batch_norm_update_stats``, once per
-forward, so running statistics update exactly once per step; BN's backward is ATen's own.
+forward, so running statistics update exactly once per step.
+
+On CPU the time is in passes over memory, not arithmetic: the op goes through the batch a
+few samples at a time (about 8 MB of feature map, ``_CPU_CHUNK_BYTES``), applying BN first,
+so SGE's extra passes over a chunk read the last-level cache instead of memory. The backward
+also does BN's (with the batch statistics or the running ones) in two sweeps: per-channel
+sums of dx and dx * z while each dx chunk is in cache, then dz in place. Every statistic
+is per sample, so chunks are independent. On GPUs one chunk is the whole batch (and
+``sge/fused_triton.py`` takes over where it applies).
 
 Hand-derived SGE backward, per sample and group, K = C/G channels, P = H*W positions,
 s = sigmoid(gamma * chat + beta), dof = max(P - 1, 1):
