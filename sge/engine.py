@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import data
 from sge import builders, checkpoint, distributed, runlog
 from sge.config import Config, ConfigError
 from sge.metrics import EvalCounts, topk_correct
+from sge.preemption import StopFlag
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,41 +62,6 @@ class Progress:
     global_step: int = 0
     counters: dict = field(default_factory=lambda: {"skipped_nonfinite": 0, "scaler_skipped": 0})
     best: dict = field(default_factory=lambda: {"top1": None, "weights": None, "epoch": None})
-
-
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current step (a second SIGINT aborts).
-
-    Preempted jobs get SIGTERM and a grace period: finishing one step and saving fits in it.
-    """
-
-    def __init__(self):
-        self.requested = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop: one tiny all-reduce, so every rank gets
-        the same answer (ranks that were not signalled themselves then stop too)."""
-        asked = torch.tensor([float(self.requested is not None)], dtype=torch.float64)
-        if distributed.sum_tensor(asked).item() > 0:
-            self.requested = self.requested or "a signal to another process"
-            return True
-        return False
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
