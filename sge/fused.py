@@ -23,7 +23,9 @@ so SGE's extra passes over a chunk read the last-level cache instead of memory. 
 also does BN's (with the batch statistics or the running ones) in two sweeps: per-channel
 sums of dx and dx * z while each dx chunk is in cache, then dz in place. Every statistic
 is per sample, so chunks are independent. On GPUs one chunk is the whole batch (and
-``sge/fused_triton.py`` takes over where it applies).
+``sge/fused_triton.py`` takes over where it applies). On CPU, float32/float64 maps go to
+the C++ kernels of ``sge/fused_cpu.py`` (one task per sample and group, built on first use);
+these chunks are their fallback and the path of half-precision maps.
 
 Hand-derived SGE backward, per sample and group, K = C/G channels, P = H*W positions,
 s = sigmoid(gamma * chat + beta), dof = max(P - 1, 1):
@@ -48,7 +50,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sge import fused_triton
+from sge import fused_cpu, fused_triton
 from sge.layer import EPS, SpatialGroupEnhance
 
 
@@ -314,6 +316,10 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
             scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
             y, *stats = fused_triton.forward(z, scale, shift, weight, bias, groups)
             return y, *(s if keep else s.new_empty(0) for s in stats)
+        if fused_cpu.applies(z):
+            scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, z.dtype)
+            y, *stats = fused_cpu.forward(z, scale, shift, weight, bias, groups, keep)
+            return _keep_format(y, z), *stats
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                            keep)
 
@@ -338,6 +344,9 @@ def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
         if fused_triton.applies(dy, chat.shape[1]):
             return _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m,
                                     weight, bias, bn_training, bn_eps)
+        if fused_cpu.applies(dy) and z.dtype == dy.dtype:
+            return _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
+                                 bias, bn_training, bn_eps)
         return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                             bias, bn_training, bn_eps)
 
@@ -353,6 +362,26 @@ def _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weigh
     dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale,
                                                     bn_training, bn_eps)
     return dz, dweight, dbias, dbn_weight, dbn_bias
+
+
+def _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
+                  bn_training, bn_eps):
+    """``sge_backward`` by the C++ kernels: SGE's part and BN's per-channel sums in one
+    sweep, then BN's input gradient in place (coefficients as ``sge_backward``'s)."""
+    ct = z.dtype
+    scale, shift, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
+    dx, dweight, dbias, sums = fused_cpu.backward(dy, z, scale, shift, chat, sigma, m,
+                                                  weight, bias)
+    if scale is None:
+        return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+    n, _, h, w = dy.shape
+    sum_dx, sum_dxc = sums[0], sums[1].sub_(mean.to(ct) * sums[0])  # sum dx * (z - mean)
+    dz = fused_cpu.bn_input_grad(dx, z, *_dz_coefficients(
+        scale, invstd, mean.to(ct), sum_dx, sum_dxc, n * h * w, bn_training))
+    if bn_weight is None:
+        return _keep_format(dz, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+    return (_keep_format(dz, dy), dweight, dbias, (sum_dxc * invstd).to(bn_weight.dtype),
+            sum_dx.to(bn_weight.dtype))
 
 
 @_fused_backward.register_fake
