@@ -1,0 +1,173 @@
+"""The C++ CPU kernels of the fused SGE (sge/fused_cpu.py) against the reference layer and
+BatchNorm2d + reference; the PyTorch path they replace on CPU is kept covered here too (the
+kernels switched off, and a failed build)."""
+import shutil
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from sge import SpatialGroupEnhance, fused_cpu
+from sge.fused import FusedSpatialGroupEnhance
+from tests import test_fused
+
+# (N, C, H, W, G): odd sizes, H*W == 1, one channel per group, a large batch.
+SHAPES = [(2, 16, 5, 7, 4), (3, 8, 1, 1, 2), (1, 12, 3, 1, 3), (2, 6, 1, 9, 6),
+          (67, 8, 3, 2, 4), (2, 32, 7, 7, 8), (2, 8, 1, 13, 8)]
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+def _tol(dtype):
+    return {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the kernels' calls, so a test can tell they ran (not the PyTorch path)."""
+    count = {"forward": 0, "backward": 0}
+    for name in count:
+        real = getattr(fused_cpu, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            count[_name] += 1
+            return _real(*args, **kw)
+        monkeypatch.setattr(fused_cpu, name, spy)
+    return count
+
+
+@pytest.fixture
+def pytorch_path(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "ENABLED", False)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_kernels_build():
+    assert fused_cpu.applies(torch.zeros(1, 2, 1, 1))
+    assert not fused_cpu.applies(torch.zeros(1, 2, 1, 1, dtype=torch.bfloat16))
+
+
+def _layer_case(shape, dtype, channels_last):
+    n, c, h, w, g = shape
+    ref, fused = test_fused._pair(c, g, dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=dtype) * 2 + 0.5
+    dy = torch.randn(n, c, h, w, generator=gen, dtype=dtype)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    return ref, fused, x, dy
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_layer_matches_reference(shape, dtype, channels_last, calls):
+    ref, fused, x, dy = _layer_case(shape, dtype, channels_last)
+    out = test_fused._run(fused, x, dy)
+    for a, b in zip(out, test_fused._run(ref, x, dy)):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, **_tol(dtype))
+    if channels_last:
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+    if HAS_COMPILER:  # the kernels ran, not the PyTorch path
+        assert calls["forward"] == 1 and calls["backward"] == 1
+
+
+def _bn_pair(c, g, dtype, training, affine=True):
+    """(BatchNorm2d + fused SGE deferring to it, BatchNorm2d + reference SGE), equal."""
+    gen = torch.Generator().manual_seed(2)
+    bn = nn.BatchNorm2d(c, affine=affine).to(dtype)
+    ref = SpatialGroupEnhance(c, g).to(dtype)
+    with torch.no_grad():
+        for p in (*bn.parameters(), ref.weight, ref.bias, bn.running_mean):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    block = nn.Module()
+    block.bn = nn.BatchNorm2d(c, affine=affine).to(dtype)
+    block.bn.load_state_dict(bn.state_dict())
+    block.se = FusedSpatialGroupEnhance(c, g).to(dtype)
+    block.se.load_state_dict(ref.state_dict())
+    block.se.defer_norm(block, "bn")
+    return (block.bn.train(training), block.se), (bn.train(training), ref)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_with_batchnorm_matches_reference(shape, dtype, training, channels_last, affine,
+                                          calls):
+    n, c, h, w, g = shape
+    if training and n == 1 and not affine:
+        # Batch statistics of one sample make every channel's spatial mean 0, so SGE's
+        # c = <g, x> is rounding noise: ill-conditioned in float32, for the reference too.
+        pytest.skip("one sample, batch statistics and no BN affine: c == 0")
+    _, _, x, dy = _layer_case(shape, dtype, channels_last)
+    results = []
+    for norm, sge in _bn_pair(c, g, dtype, training, affine):
+        xi = x.clone().requires_grad_()
+        y = sge(norm(xi))
+        params = [xi, sge.weight, sge.bias] + ([norm.weight, norm.bias] if affine else [])
+        grads = torch.autograd.grad(y, params, dy)
+        results.append((y, *grads, norm.running_mean.clone(), norm.running_var.clone()))
+        with torch.no_grad():  # inference keeps no statistics: same output
+            assert_close(sge(norm(x)), y.detach(), **_tol(dtype))
+    for a, b in zip(*results):
+        assert_close(a, b, **_tol(dtype))
+    if HAS_COMPILER:
+        assert calls["forward"] == 2 and calls["backward"] == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(training, calls):
+    test_fused.test_gradcheck(training)
+    assert calls["backward"] > 0 or not HAS_COMPILER
+
+
+def test_model_train_step(calls):
+    test_fused.test_model_train_step_matches_reference("cpu")
+    assert calls["backward"] > 0 or not HAS_COMPILER
+
+
+# The PyTorch path (half-precision maps on CPU, and every map where the kernels cannot be
+# built) against the same references.
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pytorch_path_matches_reference(shape, dtype, pytorch_path, calls):
+    test_fused.test_layer_matches_reference(shape, dtype, "cpu")
+    assert calls["forward"] == calls["backward"] == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_pytorch_path_chunks(monkeypatch, training, per_chunk, pytorch_path, calls):
+    test_fused.test_cpu_chunks_match_reference(monkeypatch, training, per_chunk)
+    test_fused.test_gradcheck(training)
+    assert calls["forward"] == calls["backward"] == 0
+
+
+def test_failed_build_falls_back_with_one_notice(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'sge_cpu'")
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", broken)
+    ref, fused, x, dy = _layer_case(SHAPES[0], torch.float64, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = test_fused._run(fused, x, dy)
+        test_fused._run(fused, x, dy)
+    notices = [w for w in caught if "C++ CPU kernels could not be built" in str(w.message)]
+    assert len(notices) == 1, [str(w.message) for w in caught]
+    assert "PyTorch path" in str(notices[0].message)
+    for a, b in zip(out, test_fused._run(ref, x, dy)):
+        assert_close(a, b)
+
+
+def test_half_maps_use_pytorch_path(calls):
+    _, layer = test_fused._pair(16, 4, torch.float32)
+    x = (torch.randn(3, 16, 6, 5) * 3).to(torch.bfloat16)
+    assert_close(layer(x).float(), layer(x.float()), rtol=1e-2, atol=1e-2)
+    assert calls["forward"] == (1 if HAS_COMPILER else 0)  # the float32 call only
