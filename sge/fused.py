@@ -224,7 +224,7 @@ def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, b
         if bn_training:
             dx3.addcmul_(zc[i].flatten(2), coef[1]).add_(coef[2])
     if bn_weight is None:
-        dbn_weight = dbn_bias = dy.new_empty(0)
+        dbn_weight, dbn_bias = dy.new_empty(0), dy.new_empty(0)  # custom-op outputs: no aliases
     else:
         dbn_weight = (sum_dxc * invstd).to(bn_weight.dtype)
         dbn_bias = sum_dx.to(bn_weight.dtype)

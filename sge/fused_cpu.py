@@ -15,6 +15,8 @@ latter with a one-line notice.
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -35,11 +37,13 @@ def _ops():
     """``torch.ops.sge_cpu`` once built and loaded, else None (after one notice)."""
     if "ops" not in _state:
         try:
-            from torch.utils.cpp_extension import load_inline
+            load_inline = _import_load_inline()
             _BUILD_DIR.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock()
             # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers.
             load_inline("sge_cpu", _SOURCE.read_text(), build_directory=str(_BUILD_DIR),
-                        extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"], is_python_module=False)
+                        extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
+                        is_python_module=False)
             _state["ops"] = torch.ops.sge_cpu
         except Exception as err:  # no compiler, no ninja, a failed build
             _state["ops"] = None
@@ -47,6 +51,32 @@ def _ops():
                           f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
                           "the fused SGE uses its PyTorch path there (slower)", stacklevel=3)
     return _state["ops"]
+
+
+def _import_load_inline():
+    """torch.utils.cpp_extension, without its import-time "No CUDA runtime is found" log line
+    (printed on every CPU-only run otherwise; CUDA plays no part in these kernels)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load_inline
+    finally:
+        log.setLevel(level)
+    return load_inline
+
+
+def _clear_stale_lock(max_age_s: float = 600.0) -> None:
+    """torch's builder waits, without end, for a lock file that a build killed midway leaves
+    behind; a lock older than any real build (25 s here) is such a leftover."""
+    lock = _BUILD_DIR / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            warnings.warn(f"sge: removed a stale build lock {lock} (an interrupted build)",
+                          stacklevel=4)
+    except FileNotFoundError:
+        pass
 
 
 def applies(z: Tensor) -> bool:
