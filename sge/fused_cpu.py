@@ -16,7 +16,6 @@ latter with a one-line notice.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -39,7 +38,6 @@ def _ops():
         try:
             load_inline = _import_load_inline()
             _BUILD_DIR.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock()
             # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers.
             load_inline("sge_cpu", _SOURCE.read_text(), build_directory=str(_BUILD_DIR),
                         extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
@@ -64,19 +62,6 @@ def _import_load_inline():
     finally:
         log.setLevel(level)
     return load_inline
-
-
-def _clear_stale_lock(max_age_s: float = 600.0) -> None:
-    """torch's builder waits, without end, for a lock file that a build killed midway leaves
-    behind; a lock older than any real build (25 s here) is such a leftover."""
-    lock = _BUILD_DIR / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > max_age_s:
-            lock.unlink()
-            warnings.warn(f"sge: removed a stale build lock {lock} (an interrupted build)",
-                          stacklevel=4)
-    except FileNotFoundError:
-        pass
 
 
 def applies(z: Tensor) -> bool:

@@ -1,9 +1,7 @@
 """The C++ CPU kernels of the fused SGE (sge/fused_cpu.py) against the reference layer and
 BatchNorm2d + reference; the PyTorch path they replace on CPU is kept covered here too (the
 kernels switched off, and a failed build)."""
-import os
 import shutil
-import time
 import warnings
 
 import pytest
@@ -165,20 +163,6 @@ def test_pytorch_path_with_batchnorm(affine, pytorch_path, calls):
     for a, b in zip(*results):
         assert_close(a, b)
     assert calls["forward"] == calls["backward"] == 0
-
-
-def test_stale_build_lock_is_removed(monkeypatch, tmp_path):
-    # torch's builder would wait forever on the lock of a build that was killed midway.
-    monkeypatch.setattr(fused_cpu, "_BUILD_DIR", tmp_path)
-    lock = tmp_path / "lock"
-    lock.touch()
-    fused_cpu._clear_stale_lock()
-    assert lock.exists()  # a build may be running right now
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
-    with pytest.warns(UserWarning, match="stale build lock"):
-        fused_cpu._clear_stale_lock()
-    assert not lock.exists()
 
 
 def test_failed_build_falls_back_with_one_notice(monkeypatch):
