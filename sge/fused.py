@@ -212,31 +212,39 @@ def sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, b
             sums[0].add_(dx3.sum((0, 2)))
             sums[1].add_(torch.mul(dx3, z3, out=prod[:len(dx3)]).sum((0, 2)))
     dweight, dbias = (d.view(weight.shape).to(weight.dtype, copy=True) for d in dparams)
-    if scale is None:  # custom-op outputs cannot be None: empty stands for "no gradient"
-        return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
-    # BN: dbeta = sum dx, dgamma = sum dx * xhat; dz = scale * dx in eval mode, and with batch
-    # statistics dz = scale * (dx - mean(dx) - xhat * mean(dx * xhat)) = a dx + b z + d.
-    sum_dx, sum_dxc = sums[0], sums[1].sub_(mean.to(ct) * sums[0])  # sum dx * (z - mean)
-    coef = [t if t is None else t.view(1, c, 1) for t in _dz_coefficients(
-        scale, invstd, mean.to(ct), sum_dx, sum_dxc, n * h * w, bn_training)]
+    if scale is None:
+        return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, *_no_grads(dy)
+    coef, dbn = _bn_backward_from_sums(sums, bn_weight, mean, invstd, scale, n * h * w,
+                                       bn_training, dy)
+    coef = [t if t is None else t.view(1, c, 1) for t in coef]
     for i in chunks:
         dx3 = buf[i].flatten(2).mul_(coef[0])
         if bn_training:
             dx3.addcmul_(zc[i].flatten(2), coef[1]).add_(coef[2])
-    if bn_weight is None:
-        dbn_weight, dbn_bias = dy.new_empty(0), dy.new_empty(0)  # custom-op outputs: no aliases
+    return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, *dbn
+
+
+def _no_grads(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two empty tensors for "no BN parameter gradients": custom-op outputs cannot be None,
+    nor alias each other."""
+    return like.new_empty(0), like.new_empty(0)
+
+
+def _bn_backward_from_sums(sums, bn_weight, mean, invstd, scale, count, training, like):
+    """BN's backward from the per-channel ``sums`` of dx and dx * z: the coefficients
+    ``(a, b, d)`` of its input gradient ``dz = a * dx + b * z + d`` and its parameter
+    gradients. dbeta = sum dx, dgamma = sum dx * xhat; dz = scale * dx in eval mode, and with
+    batch statistics dz = scale * (dx - mean(dx) - xhat * mean(dx * xhat))."""
+    mean = mean.to(scale.dtype)
+    sum_dx, sum_dxc = sums[0], sums[1].sub_(mean * sums[0])  # sum dx * (z - mean)
+    if training:
+        k = sum_dxc * invstd * invstd / count
+        coef = (scale, -scale * k, scale * (k * mean - sum_dx / count))
     else:
-        dbn_weight = (sum_dxc * invstd).to(bn_weight.dtype)
-        dbn_bias = sum_dx.to(bn_weight.dtype)
-    return _keep_format(buf.to(dy.dtype), dy), dweight, dbias, dbn_weight, dbn_bias
-
-
-def _dz_coefficients(scale, invstd, mean, sum_dx, sum_dxc, count, training):
-    """Per-channel ``(a, b, d)`` with BN's input gradient ``dz = a * dx + b * z + d``."""
-    if not training:
-        return scale, None, None
-    k = sum_dxc * invstd * invstd / count
-    return scale, -scale * k, scale * (k * mean - sum_dx / count)
+        coef = (scale, None, None)
+    if bn_weight is None:
+        return coef, _no_grads(like)
+    return coef, ((sum_dxc * invstd).to(bn_weight.dtype), sum_dx.to(bn_weight.dtype))
 
 
 def _backward_chunk(dy, z, buf, chat, sigma, m, work, bn_weight, bn_bias, mean, var, bn_eps,
@@ -290,7 +298,7 @@ def _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale, training, eps):
         dw = (dx * z).sum(dims, dtype=scale.dtype).sub_(mean * db).mul_(invstd)
         dz = dx.mul(scale.view(1, -1, 1, 1).to(dx.dtype))
     if not affine:
-        return dz, dz.new_empty(0), dz.new_empty(0)
+        return dz, *_no_grads(dz)
     return dz, dw.to(bn_weight.dtype), db.to(bn_weight.dtype)
 
 
@@ -358,7 +366,7 @@ def _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weigh
     dx, dweight, dbias = fused_triton.backward(dy, z, scale, shift, chat, sigma, m, weight,
                                                bias)
     if scale is None:
-        return dx, dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+        return dx, dweight, dbias, *_no_grads(dy)
     dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale,
                                                     bn_training, bn_eps)
     return dz, dweight, dbias, dbn_weight, dbn_bias
@@ -373,15 +381,11 @@ def _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, 
     dx, dweight, dbias, sums = fused_cpu.backward(dy, z, scale, shift, chat, sigma, m,
                                                   weight, bias)
     if scale is None:
-        return _keep_format(dx, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
+        return _keep_format(dx, dy), dweight, dbias, *_no_grads(dy)
     n, _, h, w = dy.shape
-    sum_dx, sum_dxc = sums[0], sums[1].sub_(mean.to(ct) * sums[0])  # sum dx * (z - mean)
-    dz = fused_cpu.bn_input_grad(dx, z, *_dz_coefficients(
-        scale, invstd, mean.to(ct), sum_dx, sum_dxc, n * h * w, bn_training))
-    if bn_weight is None:
-        return _keep_format(dz, dy), dweight, dbias, dy.new_empty(0), dy.new_empty(0)
-    return (_keep_format(dz, dy), dweight, dbias, (sum_dxc * invstd).to(bn_weight.dtype),
-            sum_dx.to(bn_weight.dtype))
+    coef, dbn = _bn_backward_from_sums(sums, bn_weight, mean, invstd, scale, n * h * w,
+                                       bn_training, dy)
+    return _keep_format(fused_cpu.bn_input_grad(dx, z, *coef), dy), dweight, dbias, *dbn
 
 
 @_fused_backward.register_fake

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-import models
-from sge import SpatialGroupEnhance, fused_triton
-from sge.fused import FusedSpatialGroupEnhance
+from sge import fused_triton
+from tests import test_fused
+from tests.test_fused import _run
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
@@ -48,21 +48,8 @@ def test_kernels_in_interpreter():
     assert " passed" in out.stdout and "failed" not in out.stdout
 
 
-def _pair(c, g, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ref = SpatialGroupEnhance(c, g)
-    with torch.no_grad():  # non-trivial gamma/beta (gamma=0 at init would hide the path)
-        ref.weight.copy_(torch.randn(ref.weight.shape, generator=gen))
-        ref.bias.copy_(torch.randn(ref.bias.shape, generator=gen))
-    fused = FusedSpatialGroupEnhance(c, g)
-    fused.load_state_dict(ref.state_dict())
-    return ref.to(DEVICE), fused.to(DEVICE)
-
-
-def _run(module, x, dy):
-    x = x.detach().requires_grad_()
-    y = module(x)
-    return (y, *torch.autograd.grad(y, [x, module.weight, module.bias], dy))
+def _pair(c, g):
+    return tuple(m.to(DEVICE) for m in test_fused._pair(c, g, torch.float32))
 
 
 @needs_kernels
@@ -106,16 +93,7 @@ def test_half_inputs_keep_float32_statistics(dtype):
 def test_model_train_step_matches_reference():
     # The kernels with the block's last BN folded in (DeferredBatchNorm2d), in a whole model:
     # outputs, every gradient, and BN running statistics updated exactly once.
-    torch.manual_seed(0)
-    narrow = dict(channels=(8, 16, 32, 64), groups=4, num_classes=10)
-    ref = models.create_model("sge_resnet18", sge_impl="reference", **narrow)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith(("se.weight", "se.bias")):
-                p.copy_(torch.randn_like(p))
-    fused = models.create_model("sge_resnet18", sge_impl="fused", **narrow)
-    fused.load_state_dict(ref.state_dict())
-    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    ref, fused = (m.to(DEVICE) for m in test_fused._models(torch.float32))
     x = torch.randn(4, 3, 64, 64, device=DEVICE)
     labels = torch.randint(0, 10, (4,), device=DEVICE)
     out_ref, out = (model(x) for model in (ref, fused))
