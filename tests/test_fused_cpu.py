@@ -46,6 +46,9 @@ def pytorch_path(monkeypatch):
 def test_kernels_build():
     assert fused_cpu.applies(torch.zeros(1, 2, 1, 1))
     assert not fused_cpu.applies(torch.zeros(1, 2, 1, 1, dtype=torch.bfloat16))
+    # Built for this CPU's vector level, in that level's own folder (never another's code).
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert (fused_cpu._CACHE / f"sge_cpu_{isa.lower()}" / "sge_cpu.so").is_file()
 
 
 def _layer_case(shape, dtype, channels_last):
