@@ -89,8 +89,13 @@ def write_atomic(obj, path: str | os.PathLike) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+    except (OSError, RuntimeError) as exc:
+        # When a write fails inside torch.save's zip writer, the writer's clean-up can raise
+        # a RuntimeError ("unexpected pos") over it: the OSError is then that one's context.
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"could not write checkpoint {path}: {cause.strerror or cause}; "
                               f"the previous checkpoint there is left intact") from None
     finally:
         if tmp_name is not None and os.path.exists(tmp_name):

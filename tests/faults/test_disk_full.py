@@ -5,9 +5,12 @@ The tests run as root, so a read-only folder would not stop a write. Instead: EN
 into the write in-process, and a real kernel EFBIG from ``RLIMIT_FSIZE`` in a subprocess.
 """
 import errno
+import io
+import os
 import resource
 import signal
 
+import pytest
 import torch
 
 import train
@@ -40,6 +43,37 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(folder, empty_yaml, tmp_p
     assert f"could not write checkpoint {last}: No space left on device" in line
     assert checkpoint.read_checkpoint(last)["global_step"] == 2  # the previous one, intact
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("room", [0, 100, 5000])
+def test_write_failing_inside_torch_save(tmp_path, monkeypatch, room):
+    # The real torch.save into a file that takes `room` bytes, then fails with EFBIG. Past
+    # the first bytes, torch's zip writer raises a RuntimeError over the OSError on clean-up
+    # (seen in CI under RLIMIT_FSIZE): either way one CheckpointError naming path and cause.
+    target = tmp_path / "last.pt"
+    checkpoint.write_atomic({"step": 1}, target)
+    before = target.read_bytes()
+    real_fdopen = os.fdopen
+
+    class Limited(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > room:
+                raise OSError(errno.EFBIG, "File too large")
+            return super().write(data)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_fdopen(fd, mode, *args, **kwargs)
+        return io.BufferedWriter(Limited(fd, "w"))
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.write_atomic({"weights": torch.zeros(3000), "config": "x" * 3000}, target)
+    monkeypatch.undo()
+    assert str(info.value) == (f"could not write checkpoint {target}: File too large; "
+                               "the previous checkpoint there is left intact")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
 
 
 def _limit_file_size():
