@@ -75,32 +75,36 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
   const Affine<T> bn = affine_of<T>(scale, shift);
   const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> cbuf(P), mbuf(K);
+    std::vector<T> cbuf(P), mbuf(K), wbuf(K), zbuf(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t g = row % groups, c0 = (row / groups) * C + g * K;
       const T* zt = zp + c0 * P;
-      T* yt = yp + c0 * P;  // holds x until the gate multiplies it
+      T* yt = yp + c0 * P;
       T* ct = keep ? chatp + row * P : cbuf.data();
       T* mk = keep ? mp + row * K : mbuf.data();
-      for (int64_t k = 0; k < K; ++k) {  // x = BN(z) into y; channel means g_k
+      T* wk = wbuf.data();
+      T* zm = zbuf.data();
+      // Three reads of the tile (from cache after the first) and one write: x = BN(z) is
+      // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
+      for (int64_t k = 0; k < K; ++k) {
         const T a = bn.a(c0 % C + k), b = bn.b(c0 % C + k);
         const T* zr = zt + k * P;
-        T* xr = yt + k * P;
         T s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t p = 0; p < P; ++p) {
-          const T v = zr[p] * a + b;
-          xr[p] = v;
-          s += v;
-        }
-        mk[k] = s / T(P);
+        for (int64_t p = 0; p < P; ++p) s += zr[p];
+        zm[k] = s / T(P);
+        mk[k] = a * zm[k] + b;
+        wk[k] = mk[k] * a;
       }
+      // c_p = <g, x_p> up to a constant, which c - mean(c) removes: sum_k g_k (x_kp - g_k)
+      // = sum_k g_k a_k (z_kp - mean(z_k)), each channel centred before it is summed (so a
+      // large offset in z costs no precision).
       std::fill(ct, ct + P, T(0));
-      for (int64_t k = 0; k < K; ++k) {  // c_p = <g, x_p>
-        const T mv = mk[k];
-        const T* xr = yt + k * P;
+      for (int64_t k = 0; k < K; ++k) {
+        const T wv = wk[k], zmean = zm[k];
+        const T* zr = zt + k * P;
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) ct[p] += mv * xr[p];
+        for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - zmean);
       }
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -122,9 +126,11 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) gate[p] = sigmoid(gamma * ct[p] + beta);
       for (int64_t k = 0; k < K; ++k) {
-        T* xr = yt + k * P;
+        const T a = bn.a(c0 % C + k), b = bn.b(c0 % C + k);
+        const T* zr = zt + k * P;
+        T* yr = yt + k * P;
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) xr[p] *= gate[p];
+        for (int64_t p = 0; p < P; ++p) yr[p] = (zr[p] * a + b) * gate[p];
       }
     }
   });
