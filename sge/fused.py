@@ -305,19 +305,6 @@ def _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale, training, eps):
 # ---------------------------------------------------------------------------------------
 # Opaque ops: eager calls run the functions above; torch.compile sees one node each.
 
-def _layout_of_fake(out: Tensor, ref: Tensor) -> Tensor:
-    """``out`` with the strides of ``torch.empty_like(ref)``, which the fake kernels promise
-    torch.compile (the ops accept any layout: channels_last maps stay channels_last). Every
-    path already gives those for NCHW and channels_last maps; other strides are copied."""
-    if ref.is_contiguous():
-        return out.contiguous()
-    if ref.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    want = torch.empty_like(ref, device="meta").stride()
-    return out if out.stride() == want else torch.empty_strided(
-        out.shape, want, dtype=out.dtype, device=out.device).copy_(out)
-
-
 def _no_autocast(t: Tensor):
     """Autocast would still downcast the matmuls inside the op; entering the context costs
     time on every call, so only when autocast is on."""
@@ -326,9 +313,7 @@ def _no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
-# flexible_layout: Inductor hands the ops its own layout (channels_last convolution outputs
-# on CPU) instead of copying to the eager strides around every call.
-@torch.library.custom_op("sge::fused_forward", mutates_args=(), tags=torch.Tag.flexible_layout)
+@torch.library.custom_op("sge::fused_forward", mutates_args=())
 def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
                    bias: Tensor, groups: int, bn_training: bool, bn_eps: float, keep: bool
@@ -338,14 +323,13 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
         if fused_triton.applies(z, groups):
             scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
             y, *stats = fused_triton.forward(z, scale, shift, weight, bias, groups)
-            stats = [s if keep else s.new_empty(0) for s in stats]
-        elif fused_cpu.applies(z):
+            return y, *(s if keep else s.new_empty(0) for s in stats)
+        if fused_cpu.applies(z):
             scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, z.dtype)
             y, *stats = fused_cpu.forward(z, scale, shift, weight, bias, groups, keep)
-        else:
-            y, *stats = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
-                                    bn_eps, keep)
-    return _layout_of_fake(y, z), *stats
+            return _keep_format(y, z), *stats
+        return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
+                           keep)
 
 
 @_fused_forward.register_fake
@@ -358,8 +342,7 @@ def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_ep
             z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
 
 
-@torch.library.custom_op("sge::fused_backward", mutates_args=(),
-                         tags=torch.Tag.flexible_layout)
+@torch.library.custom_op("sge::fused_backward", mutates_args=())
 def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], mean: Optional[Tensor],
                     var: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
@@ -367,14 +350,13 @@ def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(dy):
         if fused_triton.applies(dy, chat.shape[1]):
-            backward = _triton_backward
-        elif fused_cpu.applies(dy) and z.dtype == dy.dtype:
-            backward = _cpu_backward
-        else:
-            backward = sge_backward
-        dz, *rest = backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                             bn_training, bn_eps)
-    return _layout_of_fake(dz, dy), *rest
+            return _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m,
+                                    weight, bias, bn_training, bn_eps)
+        if fused_cpu.applies(dy) and z.dtype == dy.dtype:
+            return _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
+                                 bias, bn_training, bn_eps)
+        return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
+                            bias, bn_training, bn_eps)
 
 
 def _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
