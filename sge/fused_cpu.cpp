@@ -252,241 +252,13 @@ void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const at::Ten
   });
 }
 
-// channels_last (NHWC) maps: at each position a sample's C channels are contiguous, so one
-// task per sample goes through its positions with all groups at once (a (sample, group) tile
-// would use a few bytes of each cache line). Same formulas and outputs as above; chat and the
-// per-position buffers are (G, P) per sample, the gates (P, G).
-template <typename T>
-void forward_nhwc_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
-                       const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
-                       int64_t groups, bool keep, double eps_) {
-  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), G = groups;
-  const int64_t K = C / G;
-  const T* zp = z.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
-  const T* wp = weight.const_data_ptr<T>();
-  const T* bp = bias.const_data_ptr<T>();
-  T* chatp = keep ? chat.mutable_data_ptr<T>() : nullptr;
-  T* sigmap = keep ? sigma.mutable_data_ptr<T>() : nullptr;
-  T* mp = keep ? m.mutable_data_ptr<T>() : nullptr;
-  const Affine<T> bn = affine_of<T>(scale, shift);
-  const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> av(C), bv(C), zm(C), wv(C), t(C), cbuf(keep ? 0 : G * P), gate(P * G);
-    for (int64_t c = 0; c < C; ++c) {
-      av[c] = bn.a(c);
-      bv[c] = bn.b(c);
-    }
-    for (int64_t n = begin; n < end; ++n) {
-      const T* zs = zp + n * P * C;
-      T* ys = yp + n * P * C;
-      T* ct = keep ? chatp + n * G * P : cbuf.data();
-      std::fill(zm.begin(), zm.end(), T(0));
-      for (int64_t p = 0; p < P; ++p) {
-        const T* zr = zs + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) zm[c] += zr[c];
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        zm[c] /= T(P);
-        const T mean_x = av[c] * zm[c] + bv[c];  // the channel mean g_c of x
-        if (keep) mp[n * C + c] = mean_x;
-        wv[c] = mean_x * av[c];
-      }
-      for (int64_t p = 0; p < P; ++p) {  // c_gp up to a constant, as in forward_impl
-        const T* zr = zs + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) t[c] = wv[c] * (zr[c] - zm[c]);
-        for (int64_t g = 0; g < G; ++g) {
-          T s = 0;
-          for (int64_t k = 0; k < K; ++k) s += t[g * K + k];
-          ct[g * P + p] = s;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        T* row = ct + g * P;
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < P; ++p) sum += row[p];
-        const T mean = sum / T(P);
-        T sq = 0;
-#pragma omp simd reduction(+ : sq)
-        for (int64_t p = 0; p < P; ++p) {
-          row[p] -= mean;
-          sq += row[p] * row[p];
-        }
-        const T sd = std::sqrt(sq / dof);
-        const T inv = T(1) / (sd + eps), gamma = wp[g], beta = bp[g];
-        if (keep) sigmap[n * G + g] = sd;
-        for (int64_t p = 0; p < P; ++p) {
-          row[p] *= inv;
-          gate[p * G + g] = sigmoid(gamma * row[p] + beta);
-        }
-      }
-      for (int64_t p = 0; p < P; ++p) {
-        const T* zr = zs + p * C;
-        T* yr = ys + p * C;
-        const T* gr = gate.data() + p * G;
-        for (int64_t g = 0; g < G; ++g) {
-          const T gv = gr[g];
-#pragma omp simd
-          for (int64_t k = g * K; k < (g + 1) * K; ++k) yr[k] = (zr[k] * av[k] + bv[k]) * gv;
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_nhwc_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& scale,
-                        const at::Tensor& shift, const at::Tensor& chat,
-                        const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
-                        const at::Tensor& bias, const at::Tensor& dx, const at::Tensor& dw,
-                        const at::Tensor& db, const at::Tensor& sums, double eps_) {
-  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
-  const int64_t G = chat.size(1), K = C / G;
-  const T* dyp = dy.const_data_ptr<T>();
-  const T* zp = z.const_data_ptr<T>();
-  const T* chatp = chat.const_data_ptr<T>();
-  const T* sigmap = sigma.const_data_ptr<T>();
-  const T* mp = m.const_data_ptr<T>();
-  const T* wp = weight.const_data_ptr<T>();
-  const T* bp = bias.const_data_ptr<T>();
-  T* dxp = dx.mutable_data_ptr<T>();
-  T* dwp = dw.mutable_data_ptr<T>();
-  T* dbp = db.mutable_data_ptr<T>();
-  const Affine<T> bn = affine_of<T>(scale, shift);
-  T* sump = bn.scale ? sums.mutable_data_ptr<T>() : nullptr;  // (2, N, C)
-  const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> av(C), bv(C), s(P * G), d(G * P), dm(C), sdx(C), sdxz(C);
-    for (int64_t c = 0; c < C; ++c) {
-      av[c] = bn.a(c);
-      bv[c] = bn.b(c);
-    }
-    for (int64_t n = begin; n < end; ++n) {
-      const T* zs = zp + n * P * C;
-      const T* dys = dyp + n * P * C;
-      T* dxs = dxp + n * P * C;
-      const T* ct = chatp + n * G * P;
-      const T* mk = mp + n * C;
-      for (int64_t g = 0; g < G; ++g) {
-        for (int64_t p = 0; p < P; ++p) s[p * G + g] = sigmoid(wp[g] * ct[g * P + p] + bp[g]);
-      }
-      for (int64_t p = 0; p < P; ++p) {  // ds_gp = sum_k dy x
-        const T* zr = zs + p * C;
-        const T* dr = dys + p * C;
-        for (int64_t g = 0; g < G; ++g) {
-          T acc = 0;
-          for (int64_t k = g * K; k < (g + 1) * K; ++k) acc += dr[k] * (zr[k] * av[k] + bv[k]);
-          d[g * P + p] = acc;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        T* row = d.data() + g * P;
-        const T* crow = ct + g * P;
-        T da_sum = 0, da_chat = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          const T sv = s[p * G + g];
-          const T v = row[p] * sv * (T(1) - sv);
-          row[p] = v;
-          da_sum += v;
-          da_chat += v * crow[p];
-        }
-        dwp[n * G + g] = da_chat;
-        dbp[n * G + g] = da_sum;
-        const T sd = sigmap[n * G + g];
-        const T coef = -(sd + eps) * da_chat / ((sd > 0 ? sd : T(1)) * dof);
-        const T f = wp[g] / (sd + eps), mean_da = da_sum / T(P);
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) row[p] = f * (row[p] - mean_da + crow[p] * coef);
-      }
-      std::fill(dm.begin(), dm.end(), T(0));
-      for (int64_t p = 0; p < P; ++p) {  // dm_c = (1/P) sum_p x_pc dc_gp
-        const T* zr = zs + p * C;
-        for (int64_t g = 0; g < G; ++g) {
-          const T dcv = d[g * P + p];
-#pragma omp simd
-          for (int64_t k = g * K; k < (g + 1) * K; ++k) dm[k] += (zr[k] * av[k] + bv[k]) * dcv;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) dm[c] /= T(P);
-      std::fill(sdx.begin(), sdx.end(), T(0));
-      std::fill(sdxz.begin(), sdxz.end(), T(0));
-      for (int64_t p = 0; p < P; ++p) {
-        const T* zr = zs + p * C;
-        const T* dr = dys + p * C;
-        T* xr = dxs + p * C;
-        for (int64_t g = 0; g < G; ++g) {
-          const T sv = s[p * G + g], dcv = d[g * P + p];
-#pragma omp simd
-          for (int64_t k = g * K; k < (g + 1) * K; ++k) {
-            const T v = dr[k] * sv + dm[k] + mk[k] * dcv;
-            xr[k] = v;
-            sdx[k] += v;
-            sdxz[k] += v * zr[k];
-          }
-        }
-      }
-      if (sump) {
-        for (int64_t c = 0; c < C; ++c) {
-          sump[n * C + c] = sdx[c];
-          sump[N * C + n * C + c] = sdxz[c];
-        }
-      }
-    }
-  });
-}
-
-// bn_input_grad_impl for channels_last maps: rows of C channels, one per (sample, position).
-template <typename T>
-void bn_input_grad_nhwc_impl(const at::Tensor& dx, const at::Tensor& z, const at::Tensor& a,
-                             const at::Tensor& b, const at::Tensor& d) {
-  const int64_t C = z.size(1), rows = z.numel() / C;
-  T* dxp = dx.mutable_data_ptr<T>();
-  const T* zp = z.const_data_ptr<T>();
-  const T* ap = a.const_data_ptr<T>();
-  const bool affine = b.numel() > 0;
-  const T* bp = affine ? b.const_data_ptr<T>() : nullptr;
-  const T* dp = affine ? d.const_data_ptr<T>() : nullptr;
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* xr = dxp + row * C;
-      const T* zr = zp + row * C;
-      if (affine) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) xr[c] = ap[c] * xr[c] + bp[c] * zr[c] + dp[c];
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) xr[c] *= ap[c];
-      }
-    }
-  });
-}
-
-// Which layout a map is in: NCHW-contiguous, else it must be channels_last-contiguous.
-bool is_nhwc(const at::Tensor& t) {
-  if (t.is_contiguous()) return false;
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "sge_cpu: maps must be contiguous NCHW or channels_last");
-  return true;
-}
-
 void forward(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
              const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
              int64_t groups, bool keep, double eps) {
-  const bool nhwc = is_nhwc(z);
-  TORCH_CHECK(is_nhwc(y) == nhwc, "sge_cpu: y must have z's layout");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_forward", [&] {
-    if (nhwc) {
-      forward_nhwc_impl<scalar_t>(z, scale, shift, weight, bias, y, chat, sigma, m, groups,
-                                  keep, eps);
-    } else {
-      forward_impl<scalar_t>(z, scale, shift, weight, bias, y, chat, sigma, m, groups, keep,
-                             eps);
-    }
+    forward_impl<scalar_t>(z, scale, shift, weight, bias, y, chat, sigma, m, groups, keep,
+                           eps);
   });
 }
 
@@ -495,30 +267,16 @@ void backward(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& scale
               const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
               const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
               const at::Tensor& sums, double eps) {
-  const bool nhwc = is_nhwc(z);
-  TORCH_CHECK(is_nhwc(dy) == nhwc && is_nhwc(dx) == nhwc,
-              "sge_cpu: dy and dx must have z's layout");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_backward", [&] {
-    if (nhwc) {
-      backward_nhwc_impl<scalar_t>(dy, z, scale, shift, chat, sigma, m, weight, bias, dx, dw,
-                                   db, sums, eps);
-    } else {
-      backward_impl<scalar_t>(dy, z, scale, shift, chat, sigma, m, weight, bias, dx, dw, db,
-                              sums, eps);
-    }
+    backward_impl<scalar_t>(dy, z, scale, shift, chat, sigma, m, weight, bias, dx, dw, db,
+                            sums, eps);
   });
 }
 
 void bn_input_grad(const at::Tensor& dx, const at::Tensor& z, const at::Tensor& a,
                    const at::Tensor& b, const at::Tensor& d) {
-  const bool nhwc = is_nhwc(z);
-  TORCH_CHECK(is_nhwc(dx) == nhwc, "sge_cpu: dx must have z's layout");
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_bn_input_grad", [&] {
-    if (nhwc) {
-      bn_input_grad_nhwc_impl<scalar_t>(dx, z, a, b, d);
-    } else {
-      bn_input_grad_impl<scalar_t>(dx, z, a, b, d);
-    }
+    bn_input_grad_impl<scalar_t>(dx, z, a, b, d);
   });
 }
 

@@ -85,19 +85,10 @@ def _vec(t, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t.reshape(-1).to(like.dtype).contiguous()
 
 
-def _format(t: Tensor) -> torch.memory_format:
-    """The layout the kernels use for ``t``: channels_last when it is stored so (they have
-    NHWC variants; converting would cost two copies), else NCHW."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def forward(z: Tensor, scale, shift, weight: Tensor, bias: Tensor, groups: int, keep: bool):
-    """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (``y`` in ``z``'s layout, NCHW
-    or channels_last; empty statistics without ``keep``); ``scale``/``shift`` per channel (BN
-    folded in) or None."""
-    z = z.contiguous(memory_format=_format(z))
+    """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (contiguous NCHW ``y``; empty
+    statistics without ``keep``); ``scale``/``shift`` per channel (BN folded in) or None."""
+    z = z.contiguous()
     n, c, h, w = z.shape
     y = torch.empty_like(z)
     if keep:
@@ -114,10 +105,8 @@ def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m
              weight: Tensor, bias: Tensor):
     """``(dx, dweight, dbias, sums)``: the gradient with respect to SGE's input x (= BN(z)
     when ``scale`` is given), and then ``sums`` (2, C): per channel sum of dx and of dx * z
-    (None without BN). BN's own backward is left to the caller (``bn_input_grad``). ``dx``
-    has ``dy``'s layout (NCHW or channels_last)."""
-    fmt = _format(dy)
-    z, dy = z.contiguous(memory_format=fmt), dy.to(z.dtype).contiguous(memory_format=fmt)
+    (None without BN). BN's own backward is left to the caller (``bn_input_grad``)."""
+    z, dy = z.contiguous(), dy.to(z.dtype).contiguous()
     n, c = z.shape[:2]
     groups = chat.shape[1]
     dx = torch.empty_like(dy)
@@ -132,7 +121,7 @@ def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m
 
 def bn_input_grad(dx: Tensor, z: Tensor, a: Tensor, b, d) -> Tensor:
     """BN's input gradient ``a_c dx + b_c z + d_c`` (``a_c dx`` when b is None) into ``dx``
-    (from ``backward``, NCHW or channels_last)."""
-    z = z.contiguous(memory_format=_format(dx))
+    (contiguous, from ``backward``)."""
+    z = z.contiguous()
     _ops().bn_input_grad(dx, z, _vec(a, z), _vec(b, z), _vec(d, z))
     return dx
