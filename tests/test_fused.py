@@ -196,37 +196,33 @@ def test_channels_last(device):
     assert torch.isfinite(x_cl.grad).all()
 
 
-def test_traces_as_one_graph():
-    # fullgraph: no graph break; aot_eager runs AOTAutograd on the custom ops (no codegen).
+def _compiled_matches_reference(x, **compile_kwargs):
+    """The fused model under ``torch.compile(**compile_kwargs)`` against the eager reference
+    model: output and every parameter's gradient, float64."""
     ref, fused = _models()
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    out = compiled(x)
+    out = torch.compile(fused, **compile_kwargs)(x)
     out.sum().backward()
     out_ref = ref(x)
     out_ref.sum().backward()
     assert_close(out, out_ref)
     for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
         assert_close(q.grad, p.grad, msg=name)
+
+
+def test_traces_as_one_graph():
+    # fullgraph: no graph break; aot_eager runs AOTAutograd on the custom ops (no codegen).
+    _compiled_matches_reference(torch.randn(2, 3, 32, 32, dtype=torch.float64),
+                                backend="aot_eager", fullgraph=True)
 
 
 def test_inductor_compiles_the_model(monkeypatch, tmp_path):
-    # Whole-model Inductor, its CPU code generation included, against the reference; float64,
-    # so that Inductor's reordered sums stay far inside the tolerance (in float32 they move
-    # this tiny net's gradients by ~1e-3 relative, without SGE too). Inductor lays CPU
-    # convolutions out channels_last: the ops still get and return the strides they promise.
+    # Whole-model Inductor, its CPU code generation included; float64, so that Inductor's
+    # reordered sums stay far inside the tolerance (in float32 they move this tiny net's
+    # gradients by ~1e-3 relative, without SGE too). Inductor lays CPU convolutions out
+    # channels_last: the ops still get and return the strides they promise.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no stale cached graph
-    ref, fused = _models()
-    compiled = torch.compile(fused)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = compiled(x)
-    out.sum().backward()
-    out_ref = ref(x)
-    out_ref.sum().backward()
-    assert_close(out, out_ref)
-    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
-        assert_close(q.grad, p.grad, msg=name)
+    _compiled_matches_reference(x.contiguous(memory_format=torch.channels_last))
 
 
 def test_bad_input_is_named():
