@@ -87,7 +87,7 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
       // Three reads of the tile (from cache after the first) and one write: x = BN(z) is
       // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
       for (int64_t k = 0; k < K; ++k) {
-        const T a = bn.a(c0 % C + k), b = bn.b(c0 % C + k);
+        const T a = bn.a(g * K + k), b = bn.b(g * K + k);
         const T* zr = zt + k * P;
         T s = 0;
 #pragma omp simd reduction(+ : s)
@@ -126,7 +126,7 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) gate[p] = sigmoid(gamma * ct[p] + beta);
       for (int64_t k = 0; k < K; ++k) {
-        const T a = bn.a(c0 % C + k), b = bn.b(c0 % C + k);
+        const T a = bn.a(g * K + k), b = bn.b(g * K + k);
         const T* zr = zt + k * P;
         T* yr = yt + k * P;
 #pragma omp simd
