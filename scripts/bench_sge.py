@@ -3,6 +3,7 @@
     python scripts/bench_sge.py                          # batch 16, 224 px, 5 repeats
     python scripts/bench_sge.py --batch 2 --img 64 --repeats 1 --steps 1 --measure train,infer
     python scripts/bench_sge.py --device cuda --batch 64 --amp float16 --channels-last
+    python scripts/bench_sge.py --same-process --measure infer,train   # one process, steps alternating
 
 Measurements (``--measure``): ``train`` (forward+backward+SGD step, eager, with peak
 memory), ``infer`` (forward under no_grad, eval mode), ``compiled`` (the same train step
@@ -18,6 +19,11 @@ Prints a table, then as its last line one JSON object with every figure and the 
 ``{fused,reference}_{train_time,peak_mem,infer_time,compiled_step,compile_time}_ratio``
 (and ``_train_cpu_ratio``, ``_infer_cpu_ratio``)
 (over ResNet50).
+
+``--same-process`` holds every model in one process per measurement instead and alternates
+their steps (rotating order), ``repeats * steps`` rounds. On a VM whose speed differs from
+process to process (here +-5-10%, more than the effects measured), this separates what the
+models cost from where each process happened to land; peak memory is not measured there.
 """
 from __future__ import annotations
 
@@ -70,6 +76,9 @@ def parse_args(argv=None):
     ap.add_argument("--amp", default="none", choices=("none", "bfloat16", "float16"),
                     help="autocast dtype")
     ap.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    ap.add_argument("--same-process", action="store_true",
+                    help="all models in one process per measurement, steps alternating "
+                         "(no per-process spread; peak memory not measured)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for name, allowed in (("measure", MEASURES), ("variants", VARIANTS)):
@@ -89,25 +98,32 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_worker(spec: dict) -> dict:
+def _setup(spec: dict):
+    """``(torch, device, x, labels, autocast, sync)`` for a worker process."""
     import torch
     sys.path.insert(0, str(ROOT))
-    import models
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
-    name, impl = VARIANTS[spec["variant"]]
-    kwargs = {"sge_impl": impl} if impl else {}
-    model = models.create_model(name, **kwargs).to(device, memory_format=fmt)
     x = torch.randn(spec["batch"], 3, spec["img"], spec["img"], device=device)
     x = x.contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (spec["batch"],), device=device)
     amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] != "none" else None
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return torch, device, x, labels, autocast, sync
+
+
+def _step_fn(spec: dict, variant: str, torch, device, x, labels, autocast):
+    """One model of ``variant`` set up for ``spec["measure"]``; returns its step function."""
+    import models
+
+    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    name, impl = VARIANTS[variant]
+    kwargs = {"sge_impl": impl} if impl else {}
+    model = models.create_model(name, **kwargs).to(device, memory_format=fmt)
     train = spec["measure"] != "infer"
     model.train(train)
     net = torch.compile(model) if spec["measure"] == "compiled" else model
@@ -125,18 +141,27 @@ def run_worker(spec: dict) -> dict:
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+    return step
 
+
+def _timed(step, sync) -> tuple[float, float]:
+    """``(wall s, process CPU s)`` of one step."""
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_worker(spec: dict) -> dict:
+    torch, device, x, labels, autocast, sync = _setup(spec)
+    cuda = device.type == "cuda"
+    step = _step_fn(spec, spec["variant"], torch, device, x, labels, autocast)
     setup_mb = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = [], []
-    for i in range(spec["warmup"] + spec["steps"]):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
+    times, cpu_times = zip(*(_timed(step, sync)
+                             for _ in range(spec["warmup"] + spec["steps"])))
     timed = times[spec["warmup"]:] or times
     out = {"step_s": statistics.median(timed), "first_step_s": times[0],
            "cpu_s": statistics.median(cpu_times[spec["warmup"]:] or cpu_times)}
@@ -147,6 +172,25 @@ def run_worker(spec: dict) -> dict:
     else:
         out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         out["setup_mem_mb"] = setup_mb
+    return out
+
+
+def run_same_process(spec: dict) -> dict:
+    """Every variant in this one process, one step each per round in rotating order:
+    ``{variant: {"steps": [...], "cpu": [...], "first_step_s": ..}}``. Peak memory cannot be
+    told apart per model here."""
+    torch, device, x, labels, autocast, sync = _setup(spec)
+    steps, out = {}, {}
+    for v in spec["variants"]:  # build and warm up (compile) one model after another
+        steps[v] = _step_fn(spec, v, torch, device, x, labels, autocast)
+        first = [_timed(steps[v], sync)[0] for _ in range(max(spec["warmup"], 1))]
+        out[v] = {"first_step_s": first[0], "steps": [], "cpu": []}
+    order = list(spec["variants"])
+    for r in range(spec["rounds"]):
+        for v in order[r % len(order):] + order[:r % len(order)]:
+            wall, cpu = _timed(steps[v], sync)
+            out[v]["steps"].append(wall)
+            out[v]["cpu"].append(cpu)
     return out
 
 
@@ -169,12 +213,13 @@ def measure(spec: dict, cap: float) -> dict | None:
             proc.communicate()
             stdout = None
     if stdout is None:
-        print(f"  {spec['variant']} {spec['measure']}: over the {cap:.0f} s cap -> null",
-              file=sys.stderr)
+        print(f"  {spec.get('variant', 'same process')} {spec['measure']}: over the "
+              f"{cap:.0f} s cap -> null", file=sys.stderr)
         return None
     if proc.returncode != 0:
         tail = "\n".join(stderr.strip().splitlines()[-5:])
-        print(f"  {spec['variant']} {spec['measure']}: failed -> null\n{tail}", file=sys.stderr)
+        print(f"  {spec.get('variant', 'same process')} {spec['measure']}: failed -> null\n"
+              f"{tail}", file=sys.stderr)
         return None
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -215,6 +260,27 @@ def collect(args) -> dict:
     return figures
 
 
+def collect_same_process(args) -> dict:
+    """``collect``'s figures from one process per measurement holding every variant
+    (``--same-process``): medians over ``repeats * steps`` rounds, peak memory null."""
+    base = {k: getattr(args, k) for k in ("batch", "img", "warmup", "threads", "device", "amp",
+                                          "channels_last")}
+    figures = {v: dict.fromkeys(FIGURES) for v in args.variants}
+    for m in args.measure:
+        spec = {**base, "variants": args.variants, "measure": m,
+                "rounds": args.repeats * args.steps}
+        res = measure(spec, args.cap) or {}
+        for v, r in res.items():
+            kind = "compiled_step" if m == "compiled" else f"{m}_time"
+            figures[v][kind] = statistics.median(r["steps"])
+            figures[v][kind + "_all"] = r["steps"]
+            if m == "compiled":
+                figures[v]["compile_time"] = max(r["first_step_s"] - figures[v][kind], 0.0)
+            else:
+                figures[v][f"{m}_cpu"] = statistics.median(r["cpu"])
+    return figures
+
+
 def ratios(figures: dict) -> dict:
     out = {}
     base = figures.get("resnet50", {})
@@ -250,20 +316,24 @@ def print_table(figures: dict, rat: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        print(json.dumps(run_same_process(spec) if "variants" in spec else run_worker(spec)))
         return
     if args.device == "cpu" and (args.amp != "none" or args.channels_last):
         print("note: AMP/channels_last on CPU are measured but are not the GPU rows",
               file=sys.stderr)
-    figures = collect(args)
+    figures = collect_same_process(args) if args.same_process else collect(args)
     rat = ratios(figures)
+    how = (f"one process per measurement, medians of {args.repeats * args.steps} rounds "
+           "(one step per model each)" if args.same_process else
+           f"medians of {args.repeats} interleaved repeats x {args.steps} steps")
     print(f"batch {args.batch}, {args.img} px, {args.device}, {args.threads} threads, "
-          f"amp={args.amp}, channels_last={args.channels_last}, medians of {args.repeats} "
-          f"interleaved repeats x {args.steps} steps; ratios to resnet50 in parentheses")
+          f"amp={args.amp}, channels_last={args.channels_last}, {how}; ratios to resnet50 "
+          "in parentheses")
     print_table(figures, rat)
     config = {k: getattr(args, k) for k in ("batch", "img", "repeats", "steps", "warmup",
                                             "threads", "device", "amp", "channels_last",
-                                            "measure", "cap")}
+                                            "measure", "cap", "same_process")}
     print(json.dumps({"config": config, "results": figures, **rat}))
 
 
