@@ -14,8 +14,9 @@ cost one full tensor per block. So when SGE follows a BatchNorm2d (``defer_norm`
 applies that BN itself, ``x = z * scale + shift`` from the conv output ``z`` and the batch
 statistics, without ever storing ``x``: the forward allocates only ``y`` (where ResNet
 allocates the BN output) and the backward recomputes ``x`` from ``z``, which BN's backward
-needs anyway. Batch statistics come from ``torch.batch_norm_update_stats``, once per
-forward, so running statistics update exactly once per step.
+needs anyway. Batch statistics come from ``torch.batch_norm_update_stats`` (on CPU from a
+one-pass kernel of ``sge/fused_cpu.py``), once per forward, so running statistics update
+exactly once per step.
 
 On CPU the time is in passes over memory, not arithmetic: the op goes through the batch a
 few samples at a time (about 8 MB of feature map, ``_CPU_CHUNK_BYTES``), applying BN first,
@@ -441,10 +442,18 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
             if norm.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(norm.num_batches_tracked)
         track = norm.training and norm.track_running_stats
-        mean, var = torch.batch_norm_update_stats(
-            z.detach(), norm.running_mean if track else None,
-            norm.running_var if track else None,
-            momentum)
+        count = z.numel() // max(z.shape[1], 1)
+        if count > 1 and z.is_contiguous() and fused_cpu.applies(z) and not (
+                torch.compiler.is_compiling()):  # compiled: Inductor makes its own reduction
+            mean, var = fused_cpu.batch_stats(z.detach())
+            if track:  # as batch_norm_update_stats: the running variance is unbiased
+                norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        else:
+            mean, var = torch.batch_norm_update_stats(
+                z.detach(), norm.running_mean if track else None,
+                norm.running_var if track else None,
+                momentum)
     else:
         mean, var = norm.running_mean, norm.running_var
     return mean, var

@@ -252,6 +252,46 @@ void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const at::Ten
   });
 }
 
+// BatchNorm's batch statistics of an NCHW map: per channel mean and biased variance. ATen's
+// torch.batch_norm_update_stats took 60 ms over ResNet-50's 16 gated BN inputs at batch 16,
+// 224 px (a pass over them from memory takes ~8). Here one pass: each (sample, channel) row's
+// mean, then its centred sum of squares from L1; rows are combined per channel in double
+// (M2 = sum M2_row + P sum (mean_row - mean)^2), so a large offset costs no precision.
+template <typename T>
+void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var) {
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  const T* zp = z.const_data_ptr<T>();
+  std::vector<double> row_mean(N * C), row_m2(N * C);
+  at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* zr = zp + row * P;
+      T s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = 0; p < P; ++p) s += zr[p];
+      const T m = s / T(P);
+      T q = 0;
+#pragma omp simd reduction(+ : q)
+      for (int64_t p = 0; p < P; ++p) q += (zr[p] - m) * (zr[p] - m);
+      row_mean[row] = m;
+      row_m2[row] = q;
+    }
+  });
+  T* mp = mean.mutable_data_ptr<T>();
+  T* vp = var.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c) {
+    double mu = 0, m2 = 0, spread = 0;
+    for (int64_t n = 0; n < N; ++n) mu += row_mean[n * C + c];
+    mu /= double(N);
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = row_mean[n * C + c] - mu;
+      m2 += row_m2[n * C + c];
+      spread += d * d;
+    }
+    mp[c] = T(mu);
+    vp[c] = T((m2 + double(P) * spread) / double(N * P));
+  }
+}
+
 void forward(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
              const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
              const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
@@ -273,6 +313,13 @@ void backward(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& scale
   });
 }
 
+void batch_stats(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var) {
+  TORCH_CHECK(z.is_contiguous(), "sge_cpu: batch_stats takes contiguous NCHW maps");
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_batch_stats", [&] {
+    batch_stats_impl<scalar_t>(z, mean, var);
+  });
+}
+
 void bn_input_grad(const at::Tensor& dx, const at::Tensor& z, const at::Tensor& a,
                    const at::Tensor& b, const at::Tensor& d) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_bn_input_grad", [&] {
@@ -291,4 +338,5 @@ TORCH_LIBRARY(sge_cpu, lib) {
           "Tensor(c!) db, Tensor(d!) sums, float eps) -> ()", &backward);
   lib.def("bn_input_grad(Tensor(a!) dx, Tensor z, Tensor a, Tensor b, Tensor d) -> ()",
           &bn_input_grad);
+  lib.def("batch_stats(Tensor z, Tensor(a!) mean, Tensor(b!) var) -> ()", &batch_stats);
 }

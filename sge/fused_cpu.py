@@ -125,3 +125,11 @@ def bn_input_grad(dx: Tensor, z: Tensor, a: Tensor, b, d) -> Tensor:
     z = z.contiguous()
     _ops().bn_input_grad(dx, z, _vec(a, z), _vec(b, z), _vec(d, z))
     return dx
+
+
+def batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """BatchNorm's batch statistics of ``z`` (contiguous NCHW): per channel mean and biased
+    variance, in ``z``'s dtype."""
+    mean, var = z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
+    _ops().batch_stats(z, mean, var)
+    return mean, var

@@ -123,6 +123,39 @@ def test_with_batchnorm_matches_reference(shape, dtype, training, channels_last,
         assert calls["forward"] == 2 and calls["backward"] == 1
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_stats_match_float64(dtype):
+    # BN's batch mean and biased variance per channel, against float64 sums; the offset of
+    # 100 (std 3) would cost a float32 E[z^2] - E[z]^2 about 1e-2 relative.
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(2, 16, 5, 7), (67, 8, 3, 2), (3, 4, 1, 1), (1, 6, 1, 9)]:
+        z = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 100
+        mean, var = fused_cpu.batch_stats(z)
+        ref = z.double()
+        assert_close(mean, ref.mean((0, 2, 3)).to(dtype), **_tol(dtype))
+        assert_close(var, ref.var((0, 2, 3), correction=0).to(dtype), **_tol(dtype))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_as_batchnorm(momentum, monkeypatch):
+    # Three training steps: the kernel's statistics update the running ones exactly as
+    # nn.BatchNorm2d does (momentum None: cumulative average), once per forward.
+    stats_calls = []
+    real = fused_cpu.batch_stats
+    monkeypatch.setattr(fused_cpu, "batch_stats", lambda z: stats_calls.append(1) or real(z))
+    (norm, sge), (bn, ref) = _bn_pair(16, 4, torch.float64, training=True)
+    norm.momentum = bn.momentum = momentum
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(4, 16, 5, 5, generator=gen, dtype=torch.float64) + 2
+        assert_close(sge(norm(x)), ref(bn(x)))
+    assert len(stats_calls) == 3
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(norm, name), getattr(bn, name), msg=name)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck(training, calls):
     test_fused.test_gradcheck(training)
