@@ -44,6 +44,15 @@ inline T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
 template <>
 inline float sigmoid<float>(float v) { return 1.0f / (1.0f + exp_float(-v)); }
 
+// The mean of a row of P values (vectorized sum).
+template <typename T>
+inline T mean_of(const T* r, int64_t P) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t p = 0; p < P; ++p) s += r[p];
+  return s / T(P);
+}
+
 // Per-channel affine (BN folded in) or the identity when scale is empty.
 template <typename T>
 struct Affine {
@@ -88,11 +97,7 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
       // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
       for (int64_t k = 0; k < K; ++k) {
         const T a = bn.a(g * K + k), b = bn.b(g * K + k);
-        const T* zr = zt + k * P;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t p = 0; p < P; ++p) s += zr[p];
-        zm[k] = s / T(P);
+        zm[k] = mean_of(zt + k * P, P);
         mk[k] = a * zm[k] + b;
         wk[k] = mk[k] * a;
       }
@@ -106,10 +111,7 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - zmean);
       }
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < P; ++p) sum += ct[p];
-      const T mean = sum / T(P);
+      const T mean = mean_of(ct, P);
       T sq = 0;
 #pragma omp simd reduction(+ : sq)
       for (int64_t p = 0; p < P; ++p) {
@@ -265,10 +267,7 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* zr = zp + row * P;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t p = 0; p < P; ++p) s += zr[p];
-      const T m = s / T(P);
+      const T m = mean_of(zr, P);
       T q = 0;
 #pragma omp simd reduction(+ : q)
       for (int64_t p = 0; p < P; ++p) q += (zr[p] - m) * (zr[p] - m);
