@@ -442,9 +442,11 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
             if norm.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(norm.num_batches_tracked)
         track = norm.training and norm.track_running_stats
-        count = z.numel() // max(z.shape[1], 1)
-        if count > 1 and z.is_contiguous() and fused_cpu.applies(z) and not (
-                torch.compiler.is_compiling()):  # compiled: Inductor makes its own reduction
+        count = z.numel() // z.shape[1]
+        # Compiled, Inductor makes its own reduction; asked first, so that tracing never
+        # enters fused_cpu.applies (its first call builds or loads the kernels).
+        if not torch.compiler.is_compiling() and count > 1 and z.is_contiguous() and (
+                fused_cpu.applies(z)):
             mean, var = fused_cpu.batch_stats(z.detach())
             if track:  # as batch_norm_update_stats: the running variance is unbiased
                 norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)

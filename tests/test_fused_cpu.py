@@ -156,6 +156,13 @@ def test_running_stats_as_batchnorm(momentum, monkeypatch):
         assert_close(getattr(norm, name), getattr(bn, name), msg=name)
 
 
+def test_traces_as_one_graph_before_the_kernels_load(monkeypatch):
+    # A fresh process may compile before any eager call has loaded the kernels: tracing must
+    # not enter their loading (a graph break, an error under fullgraph).
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    test_fused.test_traces_as_one_graph()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck(training, calls):
     test_fused.test_gradcheck(training)
