@@ -3,7 +3,7 @@
     python scripts/bench_sge.py                          # batch 16, 224 px, 5 repeats
     python scripts/bench_sge.py --batch 2 --img 64 --repeats 1 --steps 1 --measure train,infer
     python scripts/bench_sge.py --device cuda --batch 64 --amp float16 --channels-last
-    python scripts/bench_sge.py --same-process --measure infer,train   # one process, steps alternating
+    python scripts/bench_sge.py --same-process --measure infer,train  # models share a process
 
 Measurements (``--measure``): ``train`` (forward+backward+SGD step, eager, with peak
 memory), ``infer`` (forward under no_grad, eval mode), ``compiled`` (the same train step
@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # row name -> (model name, sge_impl)
@@ -98,8 +99,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _setup(spec: dict):
-    """``(torch, device, x, labels, autocast, sync)`` for a worker process."""
+def _setup(spec: dict) -> SimpleNamespace:
+    """What every model of a worker process shares: ``torch``, ``device``, memory format
+    ``fmt``, the batch ``x`` and ``labels``, ``autocast`` and ``sync``."""
     import torch
     sys.path.insert(0, str(ROOT))
 
@@ -113,22 +115,23 @@ def _setup(spec: dict):
     amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] != "none" else None
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return torch, device, x, labels, autocast, sync
+    return SimpleNamespace(torch=torch, device=device, fmt=fmt, x=x, labels=labels,
+                           autocast=autocast, sync=sync)
 
 
-def _step_fn(spec: dict, variant: str, torch, device, x, labels, autocast):
+def _step_fn(spec: dict, variant: str, env: SimpleNamespace):
     """One model of ``variant`` set up for ``spec["measure"]``; returns its step function."""
     import models
 
-    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    torch, x, labels, autocast = env.torch, env.x, env.labels, env.autocast
     name, impl = VARIANTS[variant]
     kwargs = {"sge_impl": impl} if impl else {}
-    model = models.create_model(name, **kwargs).to(device, memory_format=fmt)
+    model = models.create_model(name, **kwargs).to(env.device, memory_format=env.fmt)
     train = spec["measure"] != "infer"
     model.train(train)
     net = torch.compile(model) if spec["measure"] == "compiled" else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=spec["amp"] == "float16")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=spec["amp"] == "float16")
 
     def step():
         if not train:
@@ -154,13 +157,13 @@ def _timed(step, sync) -> tuple[float, float]:
 
 
 def run_worker(spec: dict) -> dict:
-    torch, device, x, labels, autocast, sync = _setup(spec)
-    cuda = device.type == "cuda"
-    step = _step_fn(spec, spec["variant"], torch, device, x, labels, autocast)
+    env = _setup(spec)
+    torch, cuda = env.torch, env.device.type == "cuda"
+    step = _step_fn(spec, spec["variant"], env)
     setup_mb = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = zip(*(_timed(step, sync)
+    times, cpu_times = zip(*(_timed(step, env.sync)
                              for _ in range(spec["warmup"] + spec["steps"])))
     timed = times[spec["warmup"]:] or times
     out = {"step_s": statistics.median(timed), "first_step_s": times[0],
@@ -177,20 +180,27 @@ def run_worker(spec: dict) -> dict:
 
 def run_same_process(spec: dict) -> dict:
     """Every variant in this one process, one step each per round in rotating order:
-    ``{variant: {"steps": [...], "cpu": [...], "first_step_s": ..}}``. Peak memory cannot be
-    told apart per model here."""
-    torch, device, x, labels, autocast, sync = _setup(spec)
-    steps, out = {}, {}
+    ``{variant: [{"step_s": .., "cpu_s": ..} per round]}`` (the first round's with
+    ``compile_s`` when compiled). Peak memory cannot be told apart per model here."""
+    env = _setup(spec)
+    steps, first, out = {}, {}, {}
     for v in spec["variants"]:  # build and warm up (compile) one model after another
-        steps[v] = _step_fn(spec, v, torch, device, x, labels, autocast)
-        first = [_timed(steps[v], sync)[0] for _ in range(max(spec["warmup"], 1))]
-        out[v] = {"first_step_s": first[0], "steps": [], "cpu": []}
+        steps[v] = _step_fn(spec, v, env)
+        first[v] = [_timed(steps[v], env.sync)[0] for _ in range(max(spec["warmup"], 1))][0]
+        out[v] = []
     order = list(spec["variants"])
+    # One untimed round: models built from the same classes share torch.compile's caches
+    # per function, so each model's first step after another's compile recompiles.
+    for v in order:
+        steps[v]()
     for r in range(spec["rounds"]):
         for v in order[r % len(order):] + order[:r % len(order)]:
-            wall, cpu = _timed(steps[v], sync)
-            out[v]["steps"].append(wall)
-            out[v]["cpu"].append(cpu)
+            wall, cpu = _timed(steps[v], env.sync)
+            out[v].append({"step_s": wall, "cpu_s": cpu})
+    if spec["measure"] == "compiled":
+        for v, rounds in out.items():
+            median = statistics.median(r["step_s"] for r in rounds)
+            rounds[0]["compile_s"] = max(first[v] - median, 0.0)
     return out
 
 
@@ -248,6 +258,12 @@ def collect(args) -> dict:
                 bar.update()
     if bar:
         bar.close()
+    return _figures(args, runs, dead)
+
+
+def _figures(args, runs: dict, dead: set) -> dict:
+    """Per variant, each figure's median over the measurements in ``runs`` (None where a
+    measurement is ``dead``), and the per-measurement step times."""
     figures = {}
     for v in args.variants:
         figures[v] = {}
@@ -265,20 +281,17 @@ def collect_same_process(args) -> dict:
     (``--same-process``): medians over ``repeats * steps`` rounds, peak memory null."""
     base = {k: getattr(args, k) for k in ("batch", "img", "warmup", "threads", "device", "amp",
                                           "channels_last")}
-    figures = {v: dict.fromkeys(FIGURES) for v in args.variants}
+    runs, dead = {}, set()
     for m in args.measure:
         spec = {**base, "variants": args.variants, "measure": m,
                 "rounds": args.repeats * args.steps}
-        res = measure(spec, args.cap) or {}
-        for v, r in res.items():
-            kind = "compiled_step" if m == "compiled" else f"{m}_time"
-            figures[v][kind] = statistics.median(r["steps"])
-            figures[v][kind + "_all"] = r["steps"]
-            if m == "compiled":
-                figures[v]["compile_time"] = max(r["first_step_s"] - figures[v][kind], 0.0)
+        res = measure(spec, args.cap)
+        for v in args.variants:
+            if res is None:
+                dead.add((v, m))
             else:
-                figures[v][f"{m}_cpu"] = statistics.median(r["cpu"])
-    return figures
+                runs[v, m] = res[v]
+    return _figures(args, runs, dead)
 
 
 def ratios(figures: dict) -> dict:
