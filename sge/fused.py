@@ -23,8 +23,9 @@ few samples at a time (about 8 MB of feature map, ``_CPU_CHUNK_BYTES``), applyin
 so SGE's extra passes over a chunk read the last-level cache instead of memory. The backward
 also does BN's (with the batch statistics or the running ones) in two sweeps: per-channel
 sums of dx and dx * z while each dx chunk is in cache, then dz in place. Every statistic
-is per sample, so chunks are independent. On GPUs one chunk is the whole batch (and
-``sge/fused_triton.py`` takes over where it applies). On CPU, float32/float64 maps go to
+is per sample, so chunks are independent. On GPUs one chunk is the whole batch, and
+``sge/fused_triton.py`` takes over where it applies: it keeps no statistics at all (its
+backward recomputes them) and does BN's backward too. On CPU, float32/float64 maps go to
 the C++ kernels of ``sge/fused_cpu.py`` (one task per sample and group, built on first use);
 these chunks are their fallback and the path of half-precision maps.
 
@@ -285,26 +286,13 @@ def _backward_chunk(dy, z, buf, chat, sigma, m, work, bn_weight, bn_bias, mean, 
     dx.baddbmm_(m.view(ng, k, 1), dc.view(ng, 1, p))
 
 
-def _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale, training, eps):
-    """BatchNorm2d's backward. (Not its ``.out`` form into dx: on CPU that is the
-    functional op plus a copy, measured slower.)"""
-    affine = bn_weight is not None
-    if training:
-        mask = [True, affine, affine]
-        dz, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dx, z, bn_weight, None, None, mean, invstd, True, eps, mask)
-    else:  # running statistics: BN is a fixed per-channel affine map
-        dims = (0, 2, 3)
-        db = dx.sum(dims, dtype=scale.dtype)
-        dw = (dx * z).sum(dims, dtype=scale.dtype).sub_(mean * db).mul_(invstd)
-        dz = dx.mul(scale.view(1, -1, 1, 1).to(dx.dtype))
-    if not affine:
-        return dz, *_no_grads(dz)
-    return dz, dw.to(bn_weight.dtype), db.to(bn_weight.dtype)
-
-
 # ---------------------------------------------------------------------------------------
 # Opaque ops: eager calls run the functions above; torch.compile sees one node each.
+
+def _bn(bn_weight, bn_bias, mean, var, eps):
+    """The Triton kernels' description of the BN before SGE (None without one)."""
+    return None if mean is None else (mean, var, bn_weight, bn_bias, eps)
+
 
 def _no_autocast(t: Tensor):
     """Autocast would still downcast the matmuls inside the op; entering the context costs
@@ -321,10 +309,11 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # bn_training is only kept for the backward; keep: whether a backward will run.
     with _no_autocast(z):
+        # The kernels keep no statistics (their backward recomputes them); the fake agrees.
         if fused_triton.applies(z, groups):
-            scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
-            y, *stats = fused_triton.forward(z, scale, shift, weight, bias, groups)
-            return y, *(s if keep else s.new_empty(0) for s in stats)
+            y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
+                                     bias, groups)
+            return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):
             scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, z.dtype)
             y, *stats = fused_cpu.forward(z, scale, shift, weight, bias, groups, keep)
@@ -337,7 +326,7 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
 def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_eps, keep):
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
-    if not keep:
+    if not keep or fused_triton.applies(z, groups):
         return (torch.empty_like(z), *(z.new_empty(0, dtype=ct) for _ in range(3)))
     return (torch.empty_like(z), z.new_empty((n, groups, h * w), dtype=ct),
             z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
@@ -350,27 +339,18 @@ def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
                     weight: Tensor, bias: Tensor, bn_training: bool, bn_eps: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _no_autocast(dy):
-        if fused_triton.applies(dy, chat.shape[1]):
-            return _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m,
-                                    weight, bias, bn_training, bn_eps)
+        if fused_triton.applies(dy, weight.shape[1]):  # recomputes the statistics
+            dz, dweight, dbias, dbn_weight, dbn_bias = fused_triton.backward(
+                dy, z, _bn(bn_weight, bn_bias, mean, var, bn_eps), bn_training, weight, bias,
+                weight.shape[1])
+            if dbn_weight is None:
+                return dz, dweight, dbias, *_no_grads(dy)
+            return dz, dweight, dbias, dbn_weight, dbn_bias
         if fused_cpu.applies(dy) and z.dtype == dy.dtype:
             return _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                  bias, bn_training, bn_eps)
         return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                             bias, bn_training, bn_eps)
-
-
-def _triton_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                     bn_training, bn_eps):
-    """``sge_backward`` with SGE's part in the Triton kernel; BN's backward stays ATen's."""
-    scale, shift, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, torch.float32)
-    dx, dweight, dbias = fused_triton.backward(dy, z, scale, shift, chat, sigma, m, weight,
-                                               bias)
-    if scale is None:
-        return dx, dweight, dbias, *_no_grads(dy)
-    dz, dbn_weight, dbn_bias = _batch_norm_backward(dx, z, bn_weight, mean, invstd, scale,
-                                                    bn_training, bn_eps)
-    return dz, dweight, dbias, dbn_weight, dbn_bias
 
 
 def _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,

@@ -4,10 +4,11 @@ Why: on a GPU the PyTorch path of the fused op launches about twenty small kerne
 block, several of them reductions over awkward shapes (thousands of 1 x C/G by C/G x H*W
 products); an H100 ran SGE-ResNet50's train step at 3.2x ResNet50's that way (bf16,
 channels_last, batch 128). Here one program handles one (sample, group) pair: it loads the
-group's whole C/G x H*W tile once, keeps it in registers, computes every statistic in float32
-and writes the output once; the backward reads dy and the conv output once and writes dx
-once. Same formula, same saved statistics (chat, sigma, m) and the same derivation as the
-module docstring of ``sge/fused.py``.
+group's whole C/G x H*W tile of the conv output z once, applies the block's last BN to it
+in registers, computes every statistic in float32 and writes the output once. Nothing but z
+(which BN keeps anyway) is saved: the backward recomputes the statistics from its tile,
+reads dy once, writes dx once and BN's per-sample channel sums, and two small kernels finish
+BN's backward. Same formula and derivation as the module docstring of ``sge/fused.py``.
 
 The tile has to fit in registers: up to ``MAX_TILE`` elements after padding to powers of
 two, which covers ResNets at 224-256 px with G=64 (largest tile 4 x 56*56). Larger tiles,
@@ -67,68 +68,110 @@ def applies(z: Tensor, groups: int) -> bool:
     return True
 
 
-def _strides(t: Tensor):
-    """``(t, (sample, channel, position) strides)``: the kernels index position p = h*W + w
-    with one stride, which holds for NCHW and NHWC tensors (others are copied first)."""
+def _dense(t: Tensor, like: Tensor | None = None) -> Tensor:
+    """``t`` in NCHW or NHWC order (``like``'s, when given), copied only if it is not."""
+    if like is not None:
+        if like.is_contiguous():
+            return t.contiguous()
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """(sample, channel, position) strides of a dense NCHW or NHWC ``t``: the kernels index
+    position p = h*W + w with one stride (a size-1 dimension's own stride is arbitrary)."""
     n, c, h, w = t.shape
-    if w == 1:
-        return t, (t.stride(0), t.stride(1), t.stride(2))
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t, (t.stride(0), t.stride(1), t.stride(3))
-    return _strides(t.contiguous())
+    return t.stride(0), t.stride(1), t.stride(3) if w > 1 else t.stride(2)
 
 
-def _launch_args(z: Tensor, groups: int, elems_per_thread: int):
-    """One program per (sample, group); enough warps that each thread holds about
-    ``elems_per_thread`` elements of each tile-sized tensor (registers, not spills)."""
+def _bn_args(bn, like: Tensor):
+    """The BN before SGE as kernel arguments: ``(mean, var, weight, bias)`` (``like`` as a
+    placeholder where absent), eps, whether there is one, whether it is affine."""
+    if bn is None:
+        return (like,) * 4, 0.0, False, False
+    mean, var, weight, bias, eps = bn
+    if weight is None:
+        return (mean, var, mean, mean), eps, True, False
+    return (mean, var, weight, bias), eps, True, True
+
+
+def _launch_args(z: Tensor, groups: int, elems_per_warp: int):
+    """One program per (sample, group), with a warp per ``elems_per_warp`` elements of the
+    padded tile, 2 to 8 warps. From a sweep of 2-32 warps on an H100 (bf16, batch 128,
+    ResNet-50's four stages; docs/benchmarks.md): 2048 per warp is the best or close to it
+    in most places, the NHWC backward wants 1024, and more than 8 warps only lost (the
+    first stage's NHWC backward: 2.40 ms with 8, 4.04 ms with 16)."""
     n, c, h, w = z.shape
     bk, bp = _blocks(c // groups, h * w)
-    warps = min(16, max(1, bk * bp // (32 * elems_per_thread)))
+    warps = min(8, max(2, bk * bp // elems_per_warp))
     return (n * groups,), dict(BLOCK_K=bk, BLOCK_P=bp, num_warps=1 << (warps.bit_length() - 1))
 
 
-def forward(z: Tensor, scale, shift, weight: Tensor, bias: Tensor, groups: int):
-    """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward``; ``scale``/``shift`` float32
-    per-channel (BN folded into an affine map) or None."""
-    z, z_strides = _strides(z)
+def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """SGE's output for its input ``x = BN(z)`` with ``bn = (mean, var, bn_weight, bn_bias,
+    eps)`` (bn_weight/bn_bias may be None), or ``x = z`` with ``bn`` None. BN is applied in
+    the kernel, so ``x`` is never stored, and no statistic is kept: the backward kernel
+    recomputes them from z (its tile is in registers anyway), which saves writing and
+    reading chat, a float32 (N, G, H*W) per block (half a bfloat16 feature map at C/G = 4).
+    """
+    z = _dense(z)
     n, c, h, w = z.shape
-    k, p = c // groups, h * w
     y = torch.empty_like(z)
     assert y.stride() == z.stride()
-    chat = z.new_empty((n, groups, p), dtype=torch.float32)
-    sigma = z.new_empty((n, groups, 1), dtype=torch.float32)
-    m = z.new_empty((n, groups, k), dtype=torch.float32)
-    has_bn = scale is not None
-    grid, meta = _launch_args(z, groups, 32)
+    bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
+    grid, meta = _launch_args(z, groups, 2048)
     _forward_kernel[grid](
-        z, y, chat, sigma, m, scale if has_bn else z, shift if has_bn else z,
-        weight.reshape(-1).contiguous(), bias.reshape(-1).contiguous(),
-        groups, k, p, *z_strides, EPS, float(max(p - 1, 1)), HAS_BN=has_bn, **meta)
-    return y, chat, sigma, m
+        z, y, *bn_ptrs, weight, bias, groups, c // groups, h * w, *_strides(z), bn_eps, EPS,
+        float(max(h * w - 1, 1)), HAS_BN=has_bn, AFFINE=affine, **meta)
+    return y
 
 
-def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m: Tensor,
-             weight: Tensor, bias: Tensor):
-    """``(dx, dweight, dbias)``: the gradient with respect to SGE's input x (= BN(z) when
-    ``scale`` is given; BN's own backward is left to the caller)."""
-    z, z_strides = _strides(z)
-    dy, dy_strides = _strides(dy)
+def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias: Tensor,
+             groups: int):
+    """``(dz, dweight, dbias, dbn_weight, dbn_bias)``: the gradients of SGE(BN(z)) (``bn`` as
+    ``forward``'s; with batch statistics when ``bn_training``), the BN ones None without an
+    affine BN; ``dz`` is the gradient with respect to x when ``bn`` is None.
+
+    Three kernels: SGE's backward writes dx = dL/dx and, per sample, BN's channel sums of
+    dx and dx * (z - mean); a small one adds those over samples and turns them into BN's
+    coefficients and parameter gradients; an elementwise one makes dz from dx in place.
+    ATen's BN backward would read dx and z twice more and allocate dz.
+    """
+    dy = _dense(dy)
+    if z.stride() != dy.stride():
+        z = _dense(z, like=dy)
     n, c, h, w = z.shape
-    groups = chat.shape[1]
     k, p = c // groups, h * w
     dx = torch.empty_like(dy)
     assert dx.stride() == dy.stride()
-    dw = chat.new_empty((n, groups))
-    db = chat.new_empty((n, groups))
-    has_bn = scale is not None
-    grid, meta = _launch_args(z, groups, 16)  # two tiles live at once: x and dy
+    f32 = dict(dtype=torch.float32, device=dy.device)
+    dparams = torch.empty((2, n, groups), **f32)
+    bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
+    sums = torch.empty((2, n, c) if has_bn else (0,), **f32)
+    grid, meta = _launch_args(z, groups, 2048 if dy.is_contiguous() else 1024)
     _backward_kernel[grid](
-        dy, z, dx, chat, sigma, m, scale if has_bn else z, shift if has_bn else z,
-        weight.reshape(-1).contiguous(), bias.reshape(-1).contiguous(), dw, db,
-        groups, k, p, *z_strides, *dy_strides, EPS, float(max(p - 1, 1)),
-        HAS_BN=has_bn, **meta)
+        dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, groups, k, p, *_strides(z), bn_eps,
+        EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, **meta)
     shape = (1, groups, 1, 1)
-    return (dx, dw.sum(0).view(shape).to(weight.dtype), db.sum(0).view(shape).to(bias.dtype))
+    dweight = dparams[0].sum(0).view(shape).to(weight.dtype)
+    dbias = dparams[1].sum(0).view(shape).to(bias.dtype)
+    if not has_bn:
+        return dx, dweight, dbias, None, None
+    coef = torch.empty((4, c), **f32)
+    dbn = [torch.empty(c, **f32) for _ in range(2)] if affine else [coef, coef]
+    block_c = min(128, max(2, 1 << (c - 1).bit_length()))
+    _bn_coef_kernel[(triton.cdiv(c, block_c),)](
+        sums, *bn_ptrs[:3], coef, *dbn, n, c, float(n * p), bn_eps, TRAINING=bn_training,
+        AFFINE=affine, BLOCK_N=min(32, max(2, 1 << (n - 1).bit_length())), BLOCK_C=block_c)
+    block = 1024
+    _bn_input_grad_kernel[(triton.cdiv(dx.numel(), block),)](
+        dx, z, coef, dx.numel(), c, p if dx.is_contiguous() else 1,
+        WIDE=dx.numel() + block >= 2**31, BLOCK=block, num_warps=4)
+    if not affine:
+        return dx, dweight, dbias, None, None
+    return dx, dweight, dbias, dbn[0].to(bn[2].dtype), dbn[1].to(bn[3].dtype)
 
 
 if triton is not None:
@@ -145,73 +188,146 @@ if triton is not None:
         return offs, mask
 
     @triton.jit
-    def _load_x(z_ptr, scale_ptr, shift_ptr, offs, mask, g, K, BLOCK_K: tl.constexpr,
-                HAS_BN: tl.constexpr):
-        """The tile of SGE's input in float32, zero outside the mask."""
-        x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def _load_z(z_ptr, offs, mask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, g, K, bn_eps,
+                BLOCK_K: tl.constexpr, HAS_BN: tl.constexpr, AFFINE: tl.constexpr):
+        """``(x, zc, scale)``: the tile of SGE's input x = BN(z) = zc * scale + beta and of
+        zc = z - mean in float32, zero outside the mask, and BN's per-channel scale
+        (x = z, zc = z, scale = 1 without BN). Same rounding as ``sge.fused._affine``'s
+        invstd: a correctly rounded square root, then a division."""
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BN:
             kk = tl.arange(0, BLOCK_K)
-            scale = tl.load(scale_ptr + g * K + kk, mask=kk < K, other=0.0)
-            shift = tl.load(shift_ptr + g * K + kk, mask=kk < K, other=0.0)
-            x = tl.where(mask, x * scale[:, None] + shift[:, None], 0.0)
-        return x
+            ch = g * K + kk
+            ok = kk < K
+            mean = tl.load(mean_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            var = tl.load(var_ptr + ch, mask=ok, other=1.0).to(tl.float32)
+            scale = 1.0 / tl.sqrt_rn(var + bn_eps)
+            beta = tl.zeros_like(scale)
+            if AFFINE:
+                scale = scale * tl.load(bnw_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+                beta = tl.load(bnb_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+            zc = tl.where(mask, z - mean[:, None], 0.0)
+            x = tl.where(mask, zc * scale[:, None] + beta[:, None], 0.0)
+        else:
+            zc, x, scale = z, z, tl.full((BLOCK_K,), 1.0, tl.float32)
+        return x, zc, scale
 
     @triton.jit
-    def _forward_kernel(z_ptr, y_ptr, chat_ptr, sigma_ptr, m_ptr, scale_ptr, shift_ptr,
-                        w_ptr, b_ptr, G, K, P, s_n, s_c, s_p, eps, dof,
-                        HAS_BN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
-        row = tl.program_id(0)
-        n, g = row // G, row % G
-        offs, mask = _tile(g, K, P, s_c, s_p, BLOCK_K, BLOCK_P)
-        sample = n.to(tl.int64) * s_n  # y has z's strides
-        z_ptr += sample
-        y_ptr += sample
-        x = _load_x(z_ptr, scale_ptr, shift_ptr, offs, mask, g, K, BLOCK_K, HAS_BN)
-        kk = tl.arange(0, BLOCK_K)
+    def _statistics(x, P, eps, dof, BLOCK_P: tl.constexpr):
+        """``(m, chat)`` of a tile x (zero outside its mask): the channel means g_k and the
+        normalised per-position c_p = <g, x_p>, in float32."""
         pp = tl.arange(0, BLOCK_P)
         m = tl.sum(x, axis=1) / P                         # channel means g_k
         c = tl.sum(x * m[:, None], axis=0)                # c_p = <g, x_p>; 0 past P
         d = tl.where(pp < P, c - tl.sum(c, axis=0) / P, 0.0)
         sigma = tl.sqrt(tl.sum(d * d, axis=0) / dof)      # unbiased std
-        chat = d / (sigma + eps)
-        gate = tl.sigmoid(tl.load(w_ptr + g).to(tl.float32) * chat
-                          + tl.load(b_ptr + g).to(tl.float32))
-        tl.store(y_ptr + offs, (x * gate[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-        base = row.to(tl.int64)
-        tl.store(chat_ptr + base * P + pp, chat, mask=pp < P)
-        tl.store(m_ptr + base * K + kk, m, mask=kk < K)
-        tl.store(sigma_ptr + row, sigma)
+        return m, d / (sigma + eps), sigma
 
     @triton.jit
-    def _backward_kernel(dy_ptr, z_ptr, dx_ptr, chat_ptr, sigma_ptr, m_ptr, scale_ptr,
-                         shift_ptr, w_ptr, b_ptr, dw_ptr, db_ptr, G, K, P,
-                         s_n, s_c, s_p, d_n, d_c, d_p, eps, dof,
-                         HAS_BN: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _forward_kernel(z_ptr, y_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, G, K,
+                        P, s_n, s_c, s_p, bn_eps, eps, dof, HAS_BN: tl.constexpr,
+                        AFFINE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         row = tl.program_id(0)
         n, g = row // G, row % G
         offs, mask = _tile(g, K, P, s_c, s_p, BLOCK_K, BLOCK_P)
-        doffs, _ = _tile(g, K, P, d_c, d_p, BLOCK_K, BLOCK_P)
-        z_ptr += n.to(tl.int64) * s_n
-        dy_ptr += n.to(tl.int64) * d_n  # dx has dy's strides
-        dx_ptr += n.to(tl.int64) * d_n
-        x = _load_x(z_ptr, scale_ptr, shift_ptr, offs, mask, g, K, BLOCK_K, HAS_BN)
-        dy = tl.load(dy_ptr + doffs, mask=mask, other=0.0).to(tl.float32)
+        sample = n.to(tl.int64) * s_n  # y has z's strides
+        x, _, _ = _load_z(z_ptr + sample, offs, mask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                          g, K, bn_eps, BLOCK_K, HAS_BN, AFFINE)
+        _, chat, _ = _statistics(x, P, eps, dof, BLOCK_P)
+        gate = tl.sigmoid(tl.load(w_ptr + g).to(tl.float32) * chat
+                          + tl.load(b_ptr + g).to(tl.float32))
+        tl.store(y_ptr + sample + offs, (x * gate[None, :]).to(y_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _backward_kernel(dy_ptr, z_ptr, dx_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr,
+                         b_ptr, dparams_ptr, sums_ptr, G, K, P, s_n, s_c, s_p, bn_eps, eps,
+                         dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+        row = tl.program_id(0)
+        n, g = row // G, row % G
+        offs, mask = _tile(g, K, P, s_c, s_p, BLOCK_K, BLOCK_P)
+        sample = n.to(tl.int64) * s_n  # z, dy and dx share strides
+        x, zc, scale = _load_z(z_ptr + sample, offs, mask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                               g, K, bn_eps, BLOCK_K, HAS_BN, AFFINE)
+        m, chat, sigma = _statistics(x, P, eps, dof, BLOCK_P)
+        dy = tl.load(dy_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
         kk = tl.arange(0, BLOCK_K)
         pp = tl.arange(0, BLOCK_P)
-        base = row.to(tl.int64)
-        chat = tl.load(chat_ptr + base * P + pp, mask=pp < P, other=0.0)
-        m = tl.load(m_ptr + base * K + kk, mask=kk < K, other=0.0)
-        sigma = tl.load(sigma_ptr + row)
         gamma = tl.load(w_ptr + g).to(tl.float32)
         s = tl.sigmoid(gamma * chat + tl.load(b_ptr + g).to(tl.float32))
         da = tl.where(pp < P, tl.sum(dy * x, axis=0) * s * (1.0 - s), 0.0)
         da_sum = tl.sum(da, axis=0)
         da_chat = tl.sum(da * chat, axis=0)
-        tl.store(dw_ptr + row, da_chat)
-        tl.store(db_ptr + row, da_sum)
+        num_rows = tl.num_programs(0)
+        tl.store(dparams_ptr + row, da_chat)
+        tl.store(dparams_ptr + num_rows + row, da_sum)
         # sigma == 0 means chat == 0: the normalisation's term vanishes (no 0/0).
         coef = -(sigma + eps) * da_chat / (tl.where(sigma > 0, sigma, 1.0) * dof)
         dc = tl.where(pp < P, gamma / (sigma + eps) * (da - da_sum / P + chat * coef), 0.0)
-        dm = tl.sum(x * dc[None, :], axis=1) / P
+        # sum_p x_kp dc_p = scale_k * sum_p zc_kp dc_p, since sum_p dc_p = 0.
+        dm = tl.sum(zc * dc[None, :], axis=1) * scale / P
         dx = dy * s[None, :] + dm[:, None] + m[:, None] * dc[None, :]
-        tl.store(dx_ptr + doffs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + sample + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BN:  # BN's per-sample channel sums, from dx before rounding
+            dx = tl.where(mask, dx, 0.0)
+            ch = n.to(tl.int64) * G * K + g * K + kk
+            tl.store(sums_ptr + ch, tl.sum(dx, axis=1), mask=kk < K)
+            tl.store(sums_ptr + num_rows * K + ch, tl.sum(dx * zc, axis=1), mask=kk < K)
+
+    @triton.jit
+    def _bn_coef_kernel(sums_ptr, mean_ptr, var_ptr, bnw_ptr, coef_ptr, dbnw_ptr, dbnb_ptr,
+                        N, C, count, bn_eps, TRAINING: tl.constexpr, AFFINE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per channel, from the per-sample sums S1 = sum dx, S2 = sum dx * (z - mean):
+        dz = a * dx + b * (z - mean) + d, stored as rows (a, b, mean, d). With batch
+        statistics a = scale, b = -scale * S2 * invstd^2 / count, d = -scale * S1 / count;
+        with running ones dz = scale * dx. dgamma = S2 * invstd, dbeta = S1."""
+        cc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = cc < C
+        s1 = tl.zeros((BLOCK_C,), tl.float32)
+        s2 = tl.zeros((BLOCK_C,), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            offs = nn.to(tl.int64)[:, None] * C + cc[None, :]
+            both = (nn < N)[:, None] & ok[None, :]
+            s1 += tl.sum(tl.load(sums_ptr + offs, mask=both, other=0.0), axis=0)
+            s2 += tl.sum(tl.load(sums_ptr + N * C + offs, mask=both, other=0.0), axis=0)
+        mean = tl.load(mean_ptr + cc, mask=ok, other=0.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt_rn(tl.load(var_ptr + cc, mask=ok, other=1.0).to(tl.float32)
+                                  + bn_eps)
+        scale = invstd
+        if AFFINE:
+            scale = invstd * tl.load(bnw_ptr + cc, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dbnw_ptr + cc, s2 * invstd, mask=ok)
+            tl.store(dbnb_ptr + cc, s1, mask=ok)
+        if TRAINING:
+            b = -scale * s2 * invstd * invstd / count
+            d = -scale * s1 / count
+        else:
+            b = tl.zeros_like(scale)
+            d = tl.zeros_like(scale)
+        tl.store(coef_ptr + cc, scale, mask=ok)
+        tl.store(coef_ptr + C + cc, b, mask=ok)
+        tl.store(coef_ptr + 2 * C + cc, mean, mask=ok)
+        tl.store(coef_ptr + 3 * C + cc, d, mask=ok)
+
+    @triton.jit
+    def _bn_input_grad_kernel(dx_ptr, z_ptr, coef_ptr, numel, C, ch_div, WIDE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """dz = a * dx + b * (z - mean) + d in place of dx; dx and z dense with the same
+        layout, channel (i // ch_div) % C of element i (ch_div: H*W for NCHW, 1 for NHWC).
+        Indices are int32 (cheaper divisions) unless the tensor is over 2^31 elements."""
+        start = tl.program_id(0)
+        if WIDE:
+            start = start.to(tl.int64)
+        i = start * BLOCK + tl.arange(0, BLOCK)
+        ok = i < numel
+        ch = (i // ch_div) % C
+        a = tl.load(coef_ptr + ch, mask=ok, other=0.0)
+        b = tl.load(coef_ptr + C + ch, mask=ok, other=0.0)
+        mean = tl.load(coef_ptr + 2 * C + ch, mask=ok, other=0.0)
+        d = tl.load(coef_ptr + 3 * C + ch, mask=ok, other=0.0)
+        dx = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + i, (a * dx + b * (z - mean) + d).to(dx_ptr.dtype.element_ty), mask=ok)
