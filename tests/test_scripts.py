@@ -23,12 +23,13 @@ import models
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+import bench_sge_block  # noqa: E402
 import predict  # noqa: E402
 import report  # noqa: E402
 import visualize_sge  # noqa: E402
 SHELL = ["train.sh", "train_multinode.sh", "slurm_train.sbatch", "sweep_groups.sh",
          "eval_released.sh"]
-PYTHON = ["report.py", "predict.py", "visualize_sge.py"]
+PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge_block.py"]
 NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=3)
 
 
@@ -380,3 +381,21 @@ def test_eval_released_on_a_val_folder(tmp_path):
     assert cells[:6] == ["old_resnet50.pth.tar", "resnet50", "1000", f"{top1:.3f}", "76.384",
                          f"{top1 - 76.384:+.3f}"]
     assert (tmp_path / "out" / "summary.md").read_text().count("| old_resnet50") == 1
+
+
+def test_bench_sge_block_times_every_stage(capsys):
+    # Tiny shapes on CPU: every stage gets every case, timed, and the ratio column is
+    # the case over ResNet's tail from the same JSON.
+    _, out, _ = tool(bench_sge_block, ["--device", "cpu", "--batch", "2", "--img", "32",
+                                       "--groups", "4", "--iters", "1", "--rounds", "1"],
+                     capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert list(result["ms"]) == ["256x8x8", "512x4x4", "1024x2x2", "2048x1x1"]
+    for figs in result["ms"].values():
+        assert set(figs) == {"copy", "resnet fwd", "resnet fwd+bwd", "fused fwd",
+                             "fused fwd+bwd", "reference fwd", "reference fwd+bwd",
+                             "fused: batch stats", "fused: op fwd", "fused: op bwd"}
+        assert all(t > 0 for t in figs.values())
+    figs = result["ms"]["256x8x8"]
+    row = next(line for line in out.splitlines() if line.startswith("fused fwd+bwd"))
+    assert f"({figs['fused fwd+bwd'] / figs['resnet fwd+bwd']:.2f}x)" in row

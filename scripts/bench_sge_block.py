@@ -1,0 +1,161 @@
+"""What SGE adds to one bottleneck block's tail, per ResNet-50 stage, side by side.
+
+    python scripts/bench_sge_block.py --device cuda --batch 128 --dtype bfloat16 --channels-last
+    python scripts/bench_sge_block.py --batch 4 --img 64 --iters 5      # CPU
+
+A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``.
+This times that tail alone, forward and forward+backward, on each stage's shape (224 px:
+256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), the fused SGE (which applies the BN
+itself) and the reference SGE, all in one process, alternating. Beside them: one copy of
+the conv output (read + write), the floor a memory-bound pass costs, and the fused op's own
+forward and backward kernels. Whole-model figures are ``scripts/bench_sge.py``'s; this
+says which stage and which pass the difference comes from.
+
+Prints one table (milliseconds per call, medians of ``--rounds`` rounds of ``--iters``
+calls; ratios to ResNet's tail) and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sge.fused import FusedSpatialGroupEnhance, _batch_stats  # noqa: E402
+from sge.layer import SpatialGroupEnhance  # noqa: E402
+
+STAGES = ((256, 4), (512, 8), (1024, 16), (2048, 32))  # channels, downsampling from img
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--groups", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=20, help="calls per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (medians)")
+    return ap.parse_args(argv)
+
+
+class Tail(nn.Module):
+    """``relu(sge(bn(z)) + identity)``; ``sge`` None: ResNet's tail."""
+
+    def __init__(self, channels: int, sge: str | None, groups: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.sge = None
+        if sge == "fused":
+            self.sge = FusedSpatialGroupEnhance(channels, groups)
+            self.sge.defer_norm(self, "bn")
+        elif sge == "reference":
+            self.sge = SpatialGroupEnhance(channels, groups)
+        if self.sge is not None:  # the checkpoints' values: gating is not the identity
+            nn.init.normal_(self.sge.weight, std=0.5)
+            nn.init.normal_(self.sge.bias, std=0.5)
+
+    def forward(self, z, identity):
+        x = self.bn(z)
+        if self.sge is not None:
+            x = self.sge(x)
+        return torch.relu(x + identity)
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def timed(fn, iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / iters
+    else:
+        def timed(fn, iters):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / iters
+    return timed
+
+
+def stage_cases(args, channels, side, device, dtype, fmt):
+    """``{name: zero-argument call}`` for one stage's shape."""
+    n = args.batch
+    z = torch.randn(n, channels, side, side, device=device).to(dtype, memory_format=fmt)
+    identity, dy = torch.randn_like(z), torch.randn_like(z)
+    z.requires_grad_(True)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    cases = {"copy": lambda: z.detach().clone()}
+    for kind in (None, "fused", "reference"):
+        tail = Tail(channels, kind, args.groups).to(device, memory_format=fmt).train()
+        name = kind or "resnet"
+
+        def fwd(tail=tail):
+            with autocast:
+                return tail(z, identity)
+
+        def fwd_bwd(fwd=fwd):
+            fwd().backward(dy)
+        cases[f"{name} fwd"], cases[f"{name} fwd+bwd"] = fwd, fwd_bwd
+    # The fused op's own kernels, with the statistics the fused tail would use.
+    tail = Tail(channels, "fused", args.groups).to(device, memory_format=fmt)
+    bn, sge = tail.bn, tail.sge
+    mean, var = _batch_stats(bn, z.detach())
+    op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var,
+               sge.weight.detach(), sge.bias.detach(), args.groups, True, bn.eps)
+    y, chat, sigma, m = torch.ops.sge.fused_forward(*op_args, True)
+    cases["fused: batch stats"] = lambda: _batch_stats(bn, z.detach())
+    cases["fused: op fwd"] = lambda: torch.ops.sge.fused_forward(*op_args, True)
+    cases["fused: op bwd"] = lambda: torch.ops.sge.fused_backward(
+        dy, z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var, chat, sigma, m,
+        sge.weight.detach(), sge.bias.detach(), True, bn.eps)
+    return cases
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    timed = _timer(device)
+    results = {}
+    for channels, down in STAGES:
+        side = max(1, args.img // down)
+        cases = stage_cases(args, channels, side, device, dtype, fmt)
+        for fn in cases.values():  # warm-up: kernels' first load and autotuning
+            fn()
+        times = {name: [] for name in cases}
+        for _ in range(args.rounds):
+            for name, fn in cases.items():
+                times[name].append(timed(fn, args.iters))
+        results[f"{channels}x{side}x{side}"] = {k: statistics.median(v) for k, v in times.items()}
+    names = list(next(iter(results.values())))
+    print(f"batch {args.batch}, {args.dtype}, channels_last={args.channels_last}, "
+          f"{args.device}, G={args.groups}; ms per call, medians of {args.rounds} x "
+          f"{args.iters}; (ratio to resnet's tail)")
+    print(f"{'':<22}" + "".join(f"{stage:>20}" for stage in results))
+    for name in names:
+        kind, _, part = name.partition(" ")
+        cells = []
+        for figs in results.values():
+            ratio = (f" ({figs[name] / figs['resnet ' + part]:.2f}x)"
+                     if kind in ("fused", "reference") else "")
+            cells.append(f"{figs[name]:.3f}{ratio}".rjust(20))
+        print(f"{name:<22}" + "".join(cells))
+    print(json.dumps({"config": vars(args), "ms": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
