@@ -54,7 +54,7 @@ def _pair(c, g):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "transposed"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "transposed", "mixed"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layer_matches_reference(shape, layout):
     n, c, h, w, g = shape
@@ -66,6 +66,8 @@ def test_layer_matches_reference(shape, layout):
         x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     elif layout == "transposed":  # neither layout: the kernels get a copy
         x, dy = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (x, dy))
+    elif layout == "mixed":  # NHWC input, NCHW gradient: the backward copies x to NCHW
+        x = x.contiguous(memory_format=torch.channels_last)
     assert fused_triton.applies(x, g)  # what the fused op asks before taking the kernels
     got, expect = _run(fused, x, dy), _run(ref, x, dy)
     for a, b in zip(got, expect):
