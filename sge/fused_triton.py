@@ -214,8 +214,8 @@ if triton is not None:
 
     @triton.jit
     def _statistics(x, P, eps, dof, BLOCK_P: tl.constexpr):
-        """``(m, chat)`` of a tile x (zero outside its mask): the channel means g_k and the
-        normalised per-position c_p = <g, x_p>, in float32."""
+        """``(m, chat, sigma)`` of a tile x (zero outside its mask): the channel means g_k,
+        the normalised per-position c_p = <g, x_p> and its unbiased std, in float32."""
         pp = tl.arange(0, BLOCK_P)
         m = tl.sum(x, axis=1) / P                         # channel means g_k
         c = tl.sum(x * m[:, None], axis=0)                # c_p = <g, x_p>; 0 past P
