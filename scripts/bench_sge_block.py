@@ -97,8 +97,10 @@ def stage_cases(args, channels, side, device, dtype, fmt):
     z.requires_grad_(True)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     cases = {"copy": lambda: z.detach().clone()}
+    tails = {}
     for kind in (None, "fused", "reference"):
-        tail = Tail(channels, kind, args.groups).to(device, memory_format=fmt).train()
+        tail = tails[kind] = Tail(channels, kind, args.groups).to(device, memory_format=fmt)
+        tail.train()
         name = kind or "resnet"
 
         def fwd(tail=tail):
@@ -108,9 +110,8 @@ def stage_cases(args, channels, side, device, dtype, fmt):
         def fwd_bwd(fwd=fwd):
             fwd().backward(dy)
         cases[f"{name} fwd"], cases[f"{name} fwd+bwd"] = fwd, fwd_bwd
-    # The fused op's own kernels, with the statistics the fused tail would use.
-    tail = Tail(channels, "fused", args.groups).to(device, memory_format=fmt)
-    bn, sge = tail.bn, tail.sge
+    # The fused tail's op alone, with the statistics that tail uses.
+    bn, sge = tails["fused"].bn, tails["fused"].sge
     mean, var = _batch_stats(bn, z.detach())
     op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var,
                sge.weight.detach(), sge.bias.detach(), args.groups, True, bn.eps)
