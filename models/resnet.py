@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
 
 from sge import sge_layer
+from sge.fused import FusedSpatialGroupEnhance
 
 DEFAULT_SGE_IMPL = "fused"  # equal to the reference (tests/test_fused.py), cheaper (issue 5)
 
@@ -23,6 +26,47 @@ LAYERS = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
+
+
+def _folds_tail(block) -> bool:
+    """Whether ``block``'s fused SGE also does its residual add and ReLU: in eager mode.
+    Under ``torch.compile`` Inductor fuses the add and ReLU into its own layout conversion
+    after the op; given to the op they cost three more conversions per block (its inputs and
+    output are NCHW, Inductor's convolutions channels_last)."""
+    act = block.act3 if isinstance(block, Bottleneck) else block.act2
+    return (isinstance(block.se, FusedSpatialGroupEnhance) and block.drop_path is None
+            and type(act) is nn.ReLU and not torch.compiler.is_compiling())
+
+
+class SGEBottleneck(Bottleneck):
+    """timm's Bottleneck, whose fused SGE also does the residual add and the ReLU: the
+    block's output is written in one pass where ResNet makes three (BN, add, ReLU). Same
+    modules, keys and outputs; other SGE blocks (reference, drop path) run timm's forward."""
+
+    def forward(self, x):
+        if not _folds_tail(self):
+            return super().forward(x)
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.se(x, residual=shortcut)
+
+
+class SGEBasicBlock(BasicBlock):
+    """timm's BasicBlock with the tail folded as in ``SGEBottleneck``."""
+
+    def forward(self, x):
+        if not _folds_tail(self):
+            return super().forward(x)
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.se(x, residual=shortcut)
 
 
 def _cfg(**kwargs):
@@ -59,6 +103,8 @@ def build_resnet(depth: int, attn: str = "none", groups: int = 64,
         raise ValueError("no downloadable weights: load a checkpoint with "
                          "sge.checkpoint.load_model_weights(model, path)")
     block, layers = LAYERS[depth]
+    if attn == "sge":
+        block = SGEBottleneck if block is Bottleneck else SGEBasicBlock
     block_args = dict(kwargs.pop("block_args", None) or {})
     block_args["attn_layer"] = _attn_layer(attn, groups, sge_impl)
     kwargs.setdefault("zero_init_last", False)

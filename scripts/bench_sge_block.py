@@ -3,13 +3,14 @@
     python scripts/bench_sge_block.py --device cuda --batch 128 --dtype bfloat16 --channels-last
     python scripts/bench_sge_block.py --batch 4 --img 64 --iters 5      # CPU
 
-A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``.
-This times that tail alone, forward and forward+backward, on each stage's shape (224 px:
-256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), the fused SGE (which applies the BN
-itself) and the reference SGE, all in one process, alternating. Beside them: one copy of
-the conv output (read + write), the floor a memory-bound pass costs, and the fused op's own
-forward and backward kernels. Whole-model figures are ``scripts/bench_sge.py``'s; this
-says which stage and which pass the difference comes from.
+A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``,
+which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This times that
+tail alone, forward and forward+backward, on each stage's shape (224 px: 256 x 56 x 56 ...
+2048 x 7 x 7) for ResNet (BN), the fused SGE and the reference SGE, all in one process,
+alternating. Beside them: one copy of the conv output (read + write), the floor a
+memory-bound pass costs, and the fused op's own forward and backward kernels.
+Whole-model figures are ``scripts/bench_sge.py``'s; this says which stage and which pass
+the difference comes from.
 
 Prints one table (milliseconds per call, medians of ``--rounds`` rounds of ``--iters``
 calls; ratios to ResNet's tail) and one JSON line.
@@ -48,7 +49,7 @@ def parse_args(argv=None):
 
 
 class Tail(nn.Module):
-    """``relu(sge(bn(z)) + identity)``; ``sge`` None: ResNet's tail."""
+    """``relu(sge(bn(z)) + identity)``, as the models run it; ``sge`` None: ResNet's tail."""
 
     def __init__(self, channels: int, sge: str | None, groups: int):
         super().__init__()
@@ -65,6 +66,8 @@ class Tail(nn.Module):
 
     def forward(self, z, identity):
         x = self.bn(z)
+        if isinstance(self.sge, FusedSpatialGroupEnhance):
+            return self.sge(x, residual=identity)
         if self.sge is not None:
             x = self.sge(x)
         return torch.relu(x + identity)
@@ -114,12 +117,12 @@ def stage_cases(args, channels, side, device, dtype, fmt):
     bn, sge = tails["fused"].bn, tails["fused"].sge
     mean, var = _batch_stats(bn, z.detach())
     op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var,
-               sge.weight.detach(), sge.bias.detach(), args.groups, True, bn.eps)
+               sge.weight.detach(), sge.bias.detach(), identity, args.groups, True, bn.eps)
     y, chat, sigma, m = torch.ops.sge.fused_forward(*op_args, True)
     cases["fused: batch stats"] = lambda: _batch_stats(bn, z.detach())
     cases["fused: op fwd"] = lambda: torch.ops.sge.fused_forward(*op_args, True)
     cases["fused: op bwd"] = lambda: torch.ops.sge.fused_backward(
-        dy, z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var, chat, sigma, m,
+        dy, y, z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var, chat, sigma, m,
         sge.weight.detach(), sge.bias.detach(), True, bn.eps)
     return cases
 

@@ -7,7 +7,9 @@
   element of an affine BatchNorm, one per input element of every pooling -- including the
   global average pooling inside each SGE module (it is what lifts SGE-R50 from 4.122 to
   4.127 G in the paper). The sigmoid and SGE's other elementwise work are not counted, as in
-  the paper's counter. There is no library that counts this way, hence the hooks below.
+  the paper's counter. There is no library that counts this way, hence the hooks below. A
+  fused SGE that also runs its block's ReLU (``residual=``, ``models/resnet.py``) counts
+  that ReLU, so both SGE implementations count the same.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _is_sge(module: nn.Module) -> bool:
     return type(module).__name__.endswith("SpatialGroupEnhance")
 
 
-def _paper_ops(module: nn.Module, inputs, output) -> int:
+def _paper_ops(module: nn.Module, inputs, kwargs, output) -> int:
     x = inputs[0]
     if isinstance(module, nn.Conv2d):
         per_position = module.kernel_size[0] * module.kernel_size[1] * \
@@ -36,8 +38,10 @@ def _paper_ops(module: nn.Module, inputs, output) -> int:
         return x.numel() * (2 if module.affine else 1)
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return output.numel()
-    if isinstance(module, _POOLS) or _is_sge(module):
-        return x.numel()  # SGE: its per-group spatial average pooling
+    if _is_sge(module):  # its per-group spatial average pooling (+ the block's ReLU)
+        return x.numel() + (output.numel() if kwargs.get("residual") is not None else 0)
+    if isinstance(module, _POOLS):
+        return x.numel()
     return 0
 
 
@@ -46,11 +50,11 @@ def paper_macs(model: nn.Module, img_size: int = 224) -> int:
     """Multiply-adds for one image, counted as the paper's table counts them."""
     total = 0
 
-    def hook(module, inputs, output):
+    def hook(module, inputs, kwargs, output):
         nonlocal total
-        total += _paper_ops(module, inputs, output)
+        total += _paper_ops(module, inputs, kwargs, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
                if not list(m.children()) or _is_sge(m)]
     try:
         model.eval()(torch.zeros(1, 3, img_size, img_size))

@@ -18,6 +18,12 @@ needs anyway. Batch statistics come from ``torch.batch_norm_update_stats`` (on C
 one-pass kernel of ``sge/fused_cpu.py``), once per forward, so running statistics update
 exactly once per step.
 
+The op can also finish the block (``residual=``, as ``models/resnet.py``'s SGE blocks call
+it): ``y = relu(SGE(x) + residual)`` in the same write, where ResNet runs BN, the add and the
+ReLU as three passes over the block's output. Its backward then starts with ReLU's (the
+residual's gradient), which needs ``y``: the block's output, kept by the next block's
+convolution anyway.
+
 On CPU the time is in passes over memory, not arithmetic: the op goes through the batch a
 few samples at a time (about 8 MB of feature map, ``_CPU_CHUNK_BYTES``), applying BN first,
 so SGE's extra passes over a chunk read the last-level cache instead of memory. The backward
@@ -136,9 +142,11 @@ def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 # group's channels are batched matrix-vector products (a few times faster than sum/mul
 # along a middle dimension), and addcmul / sigmoid_backward fuse pairs of ops.
 
-def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps, keep=True):
+def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps, keep=True,
+                residual=None):
     """Return ``(y, chat, sigma, m)`` for ``x = BN(z)`` (or ``x = z`` when ``mean`` is None);
-    with ``keep`` False (no backward will run) the last three are empty.
+    with ``keep`` False (no backward will run) the last three are empty. With a
+    ``residual``, ``y = relu(SGE(x) + residual)`` (the block's tail).
 
     Every output owns its storage (no views): custom-op outputs must not be views. On CPU,
     fresh memory costs page faults on first touch (about a third of a pass over it), so
@@ -149,6 +157,7 @@ def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps, 
     zc = z.contiguous()
     step, chunks = _chunks(zc)
     y = torch.empty_like(zc)
+    rc = None if residual is None else residual.contiguous()
     rows = n if keep else step
     chat = zc.new_empty((rows, groups, h * w), dtype=ct)
     sigma = zc.new_empty((rows, groups, 1), dtype=ct)
@@ -158,6 +167,8 @@ def sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps, 
         j = i if keep else slice(0, i.stop - i.start)
         _forward_chunk(zc[i], y[i], chat[j], sigma[j], m[j], gate, bn_weight, bn_bias, mean,
                        var, bn_eps, weight, bias)
+        if rc is not None:  # while the chunk is in cache
+            y[i].add_(rc[i]).relu_()
     if not keep:
         chat, sigma, m = (zc.new_empty(0, dtype=ct) for _ in range(3))
     return _keep_format(y, z), chat, sigma, m
@@ -305,25 +316,29 @@ def _no_autocast(t: Tensor):
 @torch.library.custom_op("sge::fused_forward", mutates_args=())
 def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
-                   bias: Tensor, groups: int, bn_training: bool, bn_eps: float, keep: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # bn_training is only kept for the backward; keep: whether a backward will run.
+                   bias: Tensor, residual: Optional[Tensor], groups: int, bn_training: bool,
+                   bn_eps: float, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # bn_training is only kept for the backward; keep: whether a backward will run. With a
+    # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual).
     with _no_autocast(z):
         # The kernels keep no statistics (their backward recomputes them); the fake agrees.
         if fused_triton.applies(z, groups):
             y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
                                      bias, groups)
+            if residual is not None:  # not in the kernel yet: measured on no GPU so far
+                y.add_(residual).relu_()
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):
-            scale, shift, _ = _affine(bn_weight, bn_bias, mean, var, bn_eps, z.dtype)
-            y, *stats = fused_cpu.forward(z, scale, shift, weight, bias, groups, keep)
+            bn = None if mean is None else (bn_weight, bn_bias, mean, var, bn_eps)
+            y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual)
             return _keep_format(y, z), *stats
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
-                           keep)
+                           keep, residual)
 
 
 @_fused_forward.register_fake
-def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_eps, keep):
+def _(z, bn_weight, bn_bias, mean, var, weight, bias, residual, groups, bn_training, bn_eps,
+      keep):
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
     if not keep or fused_triton.applies(z, groups):
@@ -333,65 +348,65 @@ def _(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_training, bn_ep
 
 
 @torch.library.custom_op("sge::fused_backward", mutates_args=())
-def _fused_backward(dy: Tensor, z: Tensor, bn_weight: Optional[Tensor],
+def _fused_backward(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], mean: Optional[Tensor],
                     var: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
                     weight: Tensor, bias: Tensor, bn_training: bool, bn_eps: float
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # y: the forward's output when it had a residual (ReLU's backward is done here too).
     with _no_autocast(dy):
-        if fused_triton.applies(dy, weight.shape[1]):  # recomputes the statistics
+        # The forward's path (the Triton kernels kept no statistics).
+        triton = fused_triton.applies(dy, weight.shape[1])
+        if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
+            bn = None if mean is None else (bn_weight, bn_bias, mean, var, bn_eps)
+            dz, dres, *grads = fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m,
+                                                  weight, bias)  # ReLU's backward included
+            return _keep_format(dz, dy), dres if y is None else _keep_format(dres, dy), *grads
+        dres = dy.new_empty(0)
+        if y is not None:  # ReLU's backward; the add passes its gradient to both branches
+            dy = dres = torch.ops.aten.threshold_backward(dy, y, 0)
+        if triton:  # recomputes the statistics
             dz, dweight, dbias, dbn_weight, dbn_bias = fused_triton.backward(
                 dy, z, _bn(bn_weight, bn_bias, mean, var, bn_eps), bn_training, weight, bias,
                 weight.shape[1])
             if dbn_weight is None:
-                return dz, dweight, dbias, *_no_grads(dy)
-            return dz, dweight, dbias, dbn_weight, dbn_bias
-        if fused_cpu.applies(dy) and z.dtype == dy.dtype:
-            return _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
-                                 bias, bn_training, bn_eps)
-        return sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
-                            bias, bn_training, bn_eps)
-
-
-def _cpu_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                  bn_training, bn_eps):
-    """``sge_backward`` by the C++ kernels: SGE's part and BN's per-channel sums in one
-    sweep, then BN's input gradient in place (coefficients as ``sge_backward``'s)."""
-    ct = z.dtype
-    scale, shift, invstd = _affine(bn_weight, bn_bias, mean, var, bn_eps, ct)
-    dx, dweight, dbias, sums = fused_cpu.backward(dy, z, scale, shift, chat, sigma, m,
-                                                  weight, bias)
-    if scale is None:
-        return _keep_format(dx, dy), dweight, dbias, *_no_grads(dy)
-    n, _, h, w = dy.shape
-    coef, dbn = _bn_backward_from_sums(sums, bn_weight, mean, invstd, scale, n * h * w,
-                                       bn_training, dy)
-    return _keep_format(fused_cpu.bn_input_grad(dx, z, *coef), dy), dweight, dbias, *dbn
+                return dz, dres, dweight, dbias, *_no_grads(dy)
+            return dz, dres, dweight, dbias, dbn_weight, dbn_bias
+        dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
+                                  bias, bn_training, bn_eps)
+        return dz, dres, *grads
 
 
 @_fused_backward.register_fake
-def _(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
+def _(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
       bn_eps):
     def like(t):
         return torch.empty_like(t) if t is not None and mean is not None else dy.new_empty(0)
-    return (torch.empty_like(dy), torch.empty_like(weight), torch.empty_like(bias),
-            like(bn_weight), like(bn_weight))
+    return (torch.empty_like(dy), dy.new_empty(0) if y is None else torch.empty_like(dy),
+            torch.empty_like(weight), torch.empty_like(bias), like(bn_weight), like(bn_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    z, bn_weight, bn_bias, mean, var, weight, bias, _, bn_training, bn_eps, _ = inputs
-    _, chat, sigma, m = output
-    ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias)
+    z, bn_weight, bn_bias, mean, var, weight, bias, residual, _, bn_training, bn_eps, _ = inputs
+    y, chat, sigma, m = output
+    # With a residual, ReLU's backward needs the output: the block's output, which the next
+    # block's convolution keeps anyway (no extra memory).
+    ctx.residual = residual is not None
+    ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
+                          y if ctx.residual else None)
     ctx.bn = (bn_training, bn_eps)
 
 
 def _backward(ctx, dy, *_stat_grads):
-    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias = ctx.saved_tensors
-    dz, dweight, dbias, dbn_weight, dbn_bias = _fused_backward(
-        dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
+    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y = ctx.saved_tensors
+    dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = _fused_backward(
+        dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
+    if not ctx.residual:
+        dresidual = None
     if dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
-    return dz, dbn_weight, dbn_bias, None, None, dweight, dbias, None, None, None, None
+    return (dz, dbn_weight, dbn_bias, None, None, dweight, dbias, dresidual, None, None, None,
+            None)
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -423,14 +438,20 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
                 momentum = 1.0 / float(norm.num_batches_tracked)
         track = norm.training and norm.track_running_stats
         count = z.numel() // z.shape[1]
-        # Compiled, Inductor makes its own reduction; asked first, so that tracing never
-        # enters fused_cpu.applies (its first call builds or loads the kernels).
-        if not torch.compiler.is_compiling() and count > 1 and z.is_contiguous() and (
-                fused_cpu.applies(z)):
-            mean, var = fused_cpu.batch_stats(z.detach())
-            if track:  # as batch_norm_update_stats: the running variance is unbiased
+        if torch.compiler.is_compiling() and count > 1:
+            # Inductor's own reduction, fused with the pass that reads z before the op (ATen's
+            # batch_norm_update_stats stays an opaque call: one more pass over z).
+            var, mean = torch.var_mean(z.detach().to(_compute_dtype(z.dtype)), (0, 2, 3),
+                                       correction=0)
+            if track:  # the running variance is unbiased
                 norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
                 norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        # Asked after is_compiling, so that tracing never enters fused_cpu.applies (its first
+        # call builds or loads the kernels).
+        elif count > 1 and z.is_contiguous() and fused_cpu.applies(z):
+            mean, var = fused_cpu.batch_stats(
+                z.detach(), norm.running_mean if track else None,
+                norm.running_var if track else None, momentum)
         else:
             mean, var = torch.batch_norm_update_stats(
                 z.detach(), norm.running_mean if track else None,
@@ -477,9 +498,14 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         norm = getattr(*self._norm_owner)
         return norm if type(norm) is DeferredBatchNorm2d else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``SGE(x)``; with ``residual``, the block's tail ``relu(SGE(x) + residual)`` in the
+        same pass (where ResNet runs BN, the add and the ReLU as three)."""
         if x.shape[1] != self.channels:
             raise ValueError(f"SGE built for {self.channels} channels got {x.shape[1]}")
+        if residual is not None and residual.shape != x.shape:
+            raise ValueError(f"SGE's residual has shape {tuple(residual.shape)}, its input "
+                             f"{tuple(x.shape)}: they must match")
         norm = self._deferred_norm()
         if norm is None:
             bn, stats, bn_args = (None, None), (None, None), (False, 0.0)
@@ -488,9 +514,10 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
             bn_args = (norm.training or not norm.track_running_stats, norm.eps)
         # Without a backward to come the op keeps no statistics (inference allocates less).
         keep = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, *bn, self.weight, self.bias))
-        return _fused_forward(x, *bn, *stats, self.weight, self.bias, self.groups, *bn_args,
-                              keep)[0]
+            t is not None and t.requires_grad
+            for t in (x, *bn, self.weight, self.bias, residual))
+        return _fused_forward(x, *bn, *stats, self.weight, self.bias, residual, self.groups,
+                              *bn_args, keep)[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"

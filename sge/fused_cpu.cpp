@@ -5,15 +5,18 @@
 // core's L2 while the passes over it run). Statistics are computed in the input's type
 // (float or double), like the Triton kernels and the reference. Formulas: the module
 // docstring of sge/fused.py. Outputs are allocated by the caller; these only fill them.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,24 +56,48 @@ inline T mean_of(const T* r, int64_t P) {
   return s / T(P);
 }
 
-// Per-channel affine (BN folded in) or the identity when scale is empty.
+using OptTensor = std::optional<at::Tensor>;
+
+// A small tensor (parameters, statistics) as a contiguous one of type T.
+template <typename T>
+at::Tensor as_type(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+}
+
+// The BN before SGE, x = BN(z) = z * scale_c + shift_c, from its statistics (the batch's or
+// the running ones, chosen by the caller) and optional affine parameters; the identity
+// without statistics.
 template <typename T>
 struct Affine {
-  const T* scale;
-  const T* shift;
-  T a(int64_t c) const { return scale ? scale[c] : T(1); }
-  T b(int64_t c) const { return shift ? shift[c] : T(0); }
+  std::vector<T> scale, shift, invstd, mean;
+  bool on() const { return !scale.empty(); }
+  T a(int64_t c) const { return on() ? scale[c] : T(1); }
+  T b(int64_t c) const { return on() ? shift[c] : T(0); }
 };
 
 template <typename T>
-Affine<T> affine_of(const at::Tensor& scale, const at::Tensor& shift) {
-  if (scale.numel() == 0) return {nullptr, nullptr};
-  return {scale.const_data_ptr<T>(), shift.const_data_ptr<T>()};
+Affine<T> affine_of(const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+                    const OptTensor& var, double eps, int64_t C) {
+  Affine<T> f;
+  if (!mean) return f;
+  const at::Tensor mv = as_type<T>(*mean), vv = as_type<T>(*var);
+  const at::Tensor wv = bn_weight ? as_type<T>(*bn_weight) : at::Tensor();
+  const at::Tensor bv = bn_bias ? as_type<T>(*bn_bias) : at::Tensor();
+  f.scale.resize(C), f.shift.resize(C), f.invstd.resize(C), f.mean.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const T inv = T(1) / std::sqrt(vv.const_data_ptr<T>()[c] + T(eps));
+    const T a = bn_weight ? inv * wv.const_data_ptr<T>()[c] : inv;
+    f.invstd[c] = inv;
+    f.mean[c] = mv.const_data_ptr<T>()[c];
+    f.scale[c] = a;
+    f.shift[c] = -f.mean[c] * a + (bn_bias ? bv.const_data_ptr<T>()[c] : T(0));
+  }
+  return f;
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                  const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
+void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& weight,
+                  const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& y,
                   const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
                   int64_t groups, bool keep, double eps_) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), K = C / groups;
@@ -78,10 +105,11 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
   T* yp = y.mutable_data_ptr<T>();
   const T* wp = weight.const_data_ptr<T>();
   const T* bp = bias.const_data_ptr<T>();
+  // With a residual, y = relu(SGE(x) + residual): the block's add and ReLU in the same write.
+  const T* rp = residual.defined() ? residual.const_data_ptr<T>() : nullptr;
   T* chatp = keep ? chat.mutable_data_ptr<T>() : nullptr;
   T* sigmap = keep ? sigma.mutable_data_ptr<T>() : nullptr;
   T* mp = keep ? m.mutable_data_ptr<T>() : nullptr;
-  const Affine<T> bn = affine_of<T>(scale, shift);
   const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> cbuf(P), mbuf(K), wbuf(K), zbuf(K);
@@ -131,21 +159,32 @@ void forward_impl(const at::Tensor& z, const at::Tensor& scale, const at::Tensor
         const T a = bn.a(g * K + k), b = bn.b(g * K + k);
         const T* zr = zt + k * P;
         T* yr = yt + k * P;
+        if (rp) {
+          const T* rr = rp + c0 * P + k * P;
+          // std::max(v, 0) keeps a NaN, as torch.relu does.
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) yr[p] = (zr[p] * a + b) * gate[p];
+          for (int64_t p = 0; p < P; ++p) {
+            yr[p] = std::max((zr[p] * a + b) * gate[p] + rr[p], T(0));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) yr[p] = (zr[p] * a + b) * gate[p];
+        }
       }
     }
   });
 }
 
 // dx (SGE's input gradient), dweight/dbias partials per (n, g), and when BN is folded in the
-// per-(n, c) sums of dx and dx * z that BN's backward needs.
+// per-(n, c) sums of dx and dx * z that BN's backward needs. With the tail's output y_out
+// (residual folded in), dy is first ReLU's: dres = dy where y_out > 0, else 0, written to
+// dres (the residual's gradient) as the tile is read, and used in dy's place.
 template <typename T>
-void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& scale,
-                   const at::Tensor& shift, const at::Tensor& chat, const at::Tensor& sigma,
+void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tensor& z,
+                   const Affine<T>& bn, const at::Tensor& chat, const at::Tensor& sigma,
                    const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
-                   const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
-                   const at::Tensor& sums, double eps_) {
+                   const at::Tensor& dres, const at::Tensor& dx, const at::Tensor& dw,
+                   const at::Tensor& db, const at::Tensor& sums, double eps_) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const int64_t groups = chat.size(1), K = C / groups;
   const T* dyp = dy.const_data_ptr<T>();
@@ -158,8 +197,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
   T* dxp = dx.mutable_data_ptr<T>();
   T* dwp = dw.mutable_data_ptr<T>();
   T* dbp = db.mutable_data_ptr<T>();
-  const Affine<T> bn = affine_of<T>(scale, shift);
-  T* sump = bn.scale ? sums.mutable_data_ptr<T>() : nullptr;  // (2, N, C)
+  const T* yop = y_out.defined() ? y_out.const_data_ptr<T>() : nullptr;
+  T* drp = yop ? dres.mutable_data_ptr<T>() : nullptr;
+  T* sump = bn.on() ? sums.mutable_data_ptr<T>() : nullptr;  // (2, N, C)
   const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
   at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(P), dbuf(P);
@@ -167,6 +207,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
       const int64_t n = row / groups, g = row % groups, c0 = n * C + g * K;
       const T* zt = zp + c0 * P;
       const T* dyt = dyp + c0 * P;
+      T* drt = yop ? drp + c0 * P : nullptr;
       T* dxt = dxp + c0 * P;
       const T* ct = chatp + row * P;
       const T* mk = mp + row * K;
@@ -180,8 +221,19 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
         const T a = bn.a(g * K + k), b = bn.b(g * K + k);
         const T* zr = zt + k * P;
         const T* dr = dyt + k * P;
+        if (yop) {  // ReLU's backward, as threshold_backward: 0 where y_out <= 0
+          const T* yr = yop + c0 * P + k * P;
+          T* gr = drt + k * P;
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) d[p] += dr[p] * (zr[p] * a + b);
+          for (int64_t p = 0; p < P; ++p) {
+            const T v = yr[p] <= T(0) ? T(0) : dr[p];
+            gr[p] = v;
+            d[p] += v * (zr[p] * a + b);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) d[p] += dr[p] * (zr[p] * a + b);
+        }
       }
       T da_sum = 0, da_chat = 0;
 #pragma omp simd reduction(+ : da_sum, da_chat)
@@ -202,7 +254,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
         const int64_t ch = g * K + k;
         const T a = bn.a(ch), b = bn.b(ch), mv = mk[k];
         const T* zr = zt + k * P;
-        const T* dr = dyt + k * P;
+        const T* dr = (yop ? drt : dyt) + k * P;
         T* xr = dxt + k * P;
         T dm = 0;
 #pragma omp simd reduction(+ : dm)
@@ -227,23 +279,20 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& 
 
 // BN's input gradient in place: dx <- a_c dx + b_c z + d_c (b, d empty: dx <- a_c dx).
 template <typename T>
-void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const at::Tensor& a,
-                        const at::Tensor& b, const at::Tensor& d) {
+void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const std::vector<T>& a,
+                        const std::vector<T>& b, const std::vector<T>& d) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   T* dxp = dx.mutable_data_ptr<T>();
   const T* zp = z.const_data_ptr<T>();
-  const T* ap = a.const_data_ptr<T>();
-  const bool affine = b.numel() > 0;
-  const T* bp = affine ? b.const_data_ptr<T>() : nullptr;
-  const T* dp = affine ? d.const_data_ptr<T>() : nullptr;
+  const bool full = !b.empty();
   at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % C;
       T* xr = dxp + row * P;
       const T* zr = zp + row * P;
-      const T av = ap[c];
-      if (affine) {
-        const T bv = bp[c], dv = dp[c];
+      const T av = a[c];
+      if (full) {
+        const T bv = b[c], dv = d[c];
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) xr[p] = av * xr[p] + bv * zr[p] + dv;
       } else {
@@ -252,6 +301,39 @@ void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const at::Ten
       }
     }
   });
+}
+
+// BN's backward from the per-(n, c) sums of dx and dx * z (the SGE kernel's): dz into dx in
+// place, and BN's parameter gradients (per channel, in double). dbeta = sum dx, dgamma =
+// sum dx * xhat; dz = scale * dx in eval mode, and with batch statistics
+// dz = scale * (dx - mean(dx) - xhat * mean(dx * xhat)) = a dx + b z + d.
+template <typename T>
+std::pair<std::vector<double>, std::vector<double>> bn_backward(
+    const at::Tensor& dx, const at::Tensor& z, const Affine<T>& bn, const at::Tensor& sums,
+    bool training) {
+  const int64_t N = z.size(0), C = z.size(1), count = N * z.size(2) * z.size(3);
+  const T* sp = sums.const_data_ptr<T>();  // (2, N, C)
+  std::vector<T> a(bn.scale), b, d;
+  if (training) b.resize(C), d.resize(C);
+  std::vector<double> dgamma(C), dbeta(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum_dx = 0, sum_dxz = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      sum_dx += sp[n * C + c];
+      sum_dxz += sp[N * C + n * C + c];
+    }
+    const double inv = bn.invstd[c], mean = bn.mean[c], scale = bn.scale[c];
+    const double sum_dxc = sum_dxz - mean * sum_dx;  // sum dx * (z - mean)
+    if (training) {
+      const double k = sum_dxc * inv * inv / double(count);
+      b[c] = T(-scale * k);
+      d[c] = T(scale * (k * mean - sum_dx / double(count)));
+    }
+    dgamma[c] = sum_dxc * inv;
+    dbeta[c] = sum_dx;
+  }
+  bn_input_grad_impl<T>(dx, z, a, b, d);
+  return {dgamma, dbeta};
 }
 
 // BatchNorm's batch statistics of an NCHW map: per channel mean and biased variance. ATen's
@@ -291,51 +373,101 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   }
 }
 
-void forward(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-             const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& y,
-             const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
-             int64_t groups, bool keep, double eps) {
+// A per-channel vector of doubles as a tensor of ``like``'s type.
+at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) {
+  at::Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+  return t.to(like.scalar_type());
+}
+
+// y = SGE(BN(z)) (BN: with the given statistics; none without mean), or with a residual the
+// block's tail relu(SGE(BN(z)) + residual); chat, sigma, m for the backward when keep.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
+    const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps) {
+  const at::Tensor z = z_in.contiguous();
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  const at::Tensor y = at::empty_like(z);
+  auto stat = [&](std::vector<int64_t> shape) {
+    return keep ? z.new_empty(shape) : z.new_empty({0});
+  };
+  const at::Tensor chat = stat({N, groups, P}), sigma = stat({N, groups, 1});
+  const at::Tensor m = stat({N, groups, C / groups});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_forward", [&] {
-    forward_impl<scalar_t>(z, scale, shift, weight, bias, y, chat, sigma, m, groups, keep,
-                           eps);
+    using T = scalar_t;
+    forward_impl<T>(z, affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C),
+                    as_type<T>(weight), as_type<T>(bias),
+                    residual ? as_type<T>(*residual) : at::Tensor(), y, chat, sigma, m, groups,
+                    keep, eps);
   });
+  return {y, chat, sigma, m};
 }
 
-void backward(const at::Tensor& dy, const at::Tensor& z, const at::Tensor& scale,
-              const at::Tensor& shift, const at::Tensor& chat, const at::Tensor& sigma,
-              const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
-              const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
-              const at::Tensor& sums, double eps) {
+// (dz, dresidual, dweight, dbias, dbn_weight, dbn_bias): forward's gradients, BN's backward
+// included (batch statistics when bn_training). dresidual is empty without y_out (forward's
+// output, given when it had a residual), BN's gradients without BN parameters.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+    const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
+    const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
+    const at::Tensor& bias, double eps) {
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous();
+  const int64_t N = z.size(0), C = z.size(1), groups = chat.size(1);
+  const at::Tensor yo = y_out ? y_out->to(z.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor dres = y_out ? at::empty_like(dy) : dy.new_empty({0});
+  const at::Tensor dx = at::empty_like(dy);
+  const at::Tensor dw = chat.new_empty({N, groups}), db = chat.new_empty({N, groups});
+  at::Tensor dbn_weight = dy.new_empty({0}), dbn_bias = dy.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_backward", [&] {
-    backward_impl<scalar_t>(dy, z, scale, shift, chat, sigma, m, weight, bias, dx, dw, db,
-                            sums, eps);
+    using T = scalar_t;
+    const Affine<T> bn = affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C);
+    const at::Tensor sums = bn.on() ? z.new_empty({2, N, C}) : z.new_empty({0});
+    backward_impl<T>(dy, yo, z, bn, chat, sigma, m, as_type<T>(weight), as_type<T>(bias),
+                     dres, dx, dw, db, sums, eps);
+    if (bn.on()) {
+      const auto grads = bn_backward<T>(dx, z, bn, sums, bn_training);
+      if (bn_weight) {
+        dbn_weight = channel_tensor(grads.first, *bn_weight);
+        dbn_bias = channel_tensor(grads.second, *bn_weight);
+      }
+    }
   });
+  const std::vector<int64_t> shape{1, groups, 1, 1};
+  return {dx, dres, dw.sum(0).view(shape).to(weight.scalar_type()),
+          db.sum(0).view(shape).to(bias.scalar_type()), dbn_weight, dbn_bias};
 }
 
-void batch_stats(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var) {
+// BN's batch statistics (mean, biased variance) of a contiguous NCHW map, updating the
+// running ones as nn.BatchNorm2d does when given (running variance unbiased).
+std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
+                                               const OptTensor& running_mean,
+                                               const OptTensor& running_var, double momentum) {
   TORCH_CHECK(z.is_contiguous(), "sge_cpu: batch_stats takes contiguous NCHW maps");
+  const at::Tensor mean = z.new_empty({z.size(1)}), var = z.new_empty({z.size(1)});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_batch_stats", [&] {
     batch_stats_impl<scalar_t>(z, mean, var);
   });
-}
-
-void bn_input_grad(const at::Tensor& dx, const at::Tensor& z, const at::Tensor& a,
-                   const at::Tensor& b, const at::Tensor& d) {
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_bn_input_grad", [&] {
-    bn_input_grad_impl<scalar_t>(dx, z, a, b, d);
-  });
+  if (running_mean) {
+    const double count = double(z.numel() / z.size(1));
+    running_mean->mul_(1 - momentum).add_(mean, momentum);
+    running_var->mul_(1 - momentum).add_(var, momentum * count / (count - 1));
+  }
+  return {mean, var};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sge_cpu, lib) {
-  lib.def("forward(Tensor z, Tensor scale, Tensor shift, Tensor weight, Tensor bias, "
-          "Tensor(a!) y, Tensor(b!) chat, Tensor(c!) sigma, Tensor(d!) m, int groups, "
-          "bool keep, float eps) -> ()", &forward);
-  lib.def("backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor chat, "
-          "Tensor sigma, Tensor m, Tensor weight, Tensor bias, Tensor(a!) dx, Tensor(b!) dw, "
-          "Tensor(c!) db, Tensor(d!) sums, float eps) -> ()", &backward);
-  lib.def("bn_input_grad(Tensor(a!) dx, Tensor z, Tensor a, Tensor b, Tensor d) -> ()",
-          &bn_input_grad);
-  lib.def("batch_stats(Tensor z, Tensor(a!) mean, Tensor(b!) var) -> ()", &batch_stats);
+  lib.def("forward(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
+          "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
+          "float eps) -> (Tensor, Tensor, Tensor, Tensor)", &forward);
+  lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
+          "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
+          "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
+  lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+          "float momentum) -> (Tensor, Tensor)", &batch_stats);
 }

@@ -6,7 +6,11 @@ fused SGE-ResNet50 at 1.05-1.08x ResNet50's CPU time. Like the Triton kernels on
 task here handles one (sample, group) pair, its C/G x H*W tile staying in the core's cache
 through all passes: the forward reads z and writes y once, the backward reads dy and z and
 writes dx once, and also sums dx and dx * z per channel for BN's backward, whose input
-gradient then goes into dx in place (one more sweep, no fresh tensor).
+gradient then goes into dx in place (one more sweep, no fresh tensor). With a residual the
+forward also does the block's add and ReLU, and the backward ReLU's backward, as each tile
+is read. Each is one call from Python: BN's coefficients, the outputs' allocation and BN's
+backward are done in C++ too (the many small ATen calls they took from Python cost ~0.2 ms
+per block per step, a few per cent of a small batch's step).
 
 Built with ``torch.utils.cpp_extension`` on first use into ``.cache/torch_extensions``
 (git-ignored; later imports load the cached library). float32 and float64 contiguous-able
@@ -81,55 +85,29 @@ def applies(z: Tensor) -> bool:
             and _ops() is not None)
 
 
-def _vec(t, like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t.reshape(-1).to(like.dtype).contiguous()
-
-
-def forward(z: Tensor, scale, shift, weight: Tensor, bias: Tensor, groups: int, keep: bool):
+def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
+            residual=None):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (contiguous NCHW ``y``; empty
-    statistics without ``keep``); ``scale``/``shift`` per channel (BN folded in) or None."""
-    z = z.contiguous()
-    n, c, h, w = z.shape
-    y = torch.empty_like(z)
-    if keep:
-        chat, sigma, m = (z.new_empty(s) for s in ((n, groups, h * w), (n, groups, 1),
-                                                   (n, groups, c // groups)))
-    else:
-        chat, sigma, m = (z.new_empty(0) for _ in range(3))
-    _ops().forward(z, _vec(scale, z), _vec(shift, z), _vec(weight, z), _vec(bias, z), y,
-                   chat, sigma, m, groups, keep, EPS)
-    return y, chat, sigma, m
+    statistics without ``keep``), ``bn = (bn_weight, bn_bias, mean, var, eps)`` the BN the
+    kernel applies first (weight and bias may be None) or None. With a ``residual``,
+    ``y = relu(SGE(x) + residual)``, added as each tile is written."""
+    bn = bn or (None, None, None, None, 0.0)
+    return _ops().forward(z, *bn, weight, bias, residual, groups, keep, EPS)
 
 
-def backward(dy: Tensor, z: Tensor, scale, shift, chat: Tensor, sigma: Tensor, m: Tensor,
-             weight: Tensor, bias: Tensor):
-    """``(dx, dweight, dbias, sums)``: the gradient with respect to SGE's input x (= BN(z)
-    when ``scale`` is given), and then ``sums`` (2, C): per channel sum of dx and of dx * z
-    (None without BN). BN's own backward is left to the caller (``bn_input_grad``)."""
-    z, dy = z.contiguous(), dy.to(z.dtype).contiguous()
-    n, c = z.shape[:2]
-    groups = chat.shape[1]
-    dx = torch.empty_like(dy)
-    dw, db = (chat.new_empty((n, groups)) for _ in range(2))
-    sums = z.new_empty((2, n, c)) if scale is not None else z.new_empty(0)
-    _ops().backward(dy, z, _vec(scale, z), _vec(shift, z), chat, sigma, m, _vec(weight, z),
-                    _vec(bias, z), dx, dw, db, sums, EPS)
-    shape = (1, groups, 1, 1)
-    return (dx, dw.sum(0).view(shape).to(weight.dtype), db.sum(0).view(shape).to(bias.dtype),
-            sums.sum(1) if scale is not None else None)
+def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,
+             m: Tensor, weight: Tensor, bias: Tensor):
+    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``: ``forward``'s gradients
+    (``dz`` with respect to x without BN). ``y`` is forward's output when it had a residual
+    (ReLU's backward is done here too; ``dresidual`` is empty otherwise). BN's backward runs
+    in the same sweep (its per-channel sums of dx and dx * z), then its input gradient goes
+    into dx in place; BN's gradients are empty without its parameters."""
+    bn = bn or (None, None, None, None, 0.0)
+    return _ops().backward(dy, y, z, *bn, bn_training, chat, sigma, m, weight, bias, EPS)
 
 
-def bn_input_grad(dx: Tensor, z: Tensor, a: Tensor, b, d) -> Tensor:
-    """BN's input gradient ``a_c dx + b_c z + d_c`` (``a_c dx`` when b is None) into ``dx``
-    (contiguous, from ``backward``)."""
-    z = z.contiguous()
-    _ops().bn_input_grad(dx, z, _vec(a, z), _vec(b, z), _vec(d, z))
-    return dx
-
-
-def batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):
     """BatchNorm's batch statistics of ``z`` (contiguous NCHW): per channel mean and biased
-    variance, in ``z``'s dtype."""
-    mean, var = z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
-    _ops().batch_stats(z, mean, var)
-    return mean, var
+    variance, in ``z``'s dtype; the running ones, when given, are updated as BatchNorm2d
+    does (``momentum``, the running variance unbiased)."""
+    return _ops().batch_stats(z, running_mean, running_var, momentum)

@@ -92,6 +92,13 @@ def test_gradcheck(training):
     def fn(x, *_params):  # gradcheck perturbs the parameters in place: the module sees it
         return block.se(block.bn(x))
     assert torch.autograd.gradcheck(fn, (x, *params))
+    # The block's whole tail, relu(SGE(BN(x)) + residual): ReLU's kink is met with
+    # probability 0 by these random values.
+    residual = torch.randn_like(x, requires_grad=True)
+
+    def tail(x, residual, *_params):
+        return block.se(block.bn(x), residual=residual)
+    assert torch.autograd.gradcheck(tail, (x, residual, *params))
 
 
 def _models(dtype=torch.float64):
@@ -123,7 +130,9 @@ def test_model_train_step_matches_reference(device):
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64).to(device)
     labels = torch.randint(0, 10, (4,)).to(device)
     out_r, grads_r = _train_step(ref, x, labels)
+    folded = _count_folded_tails(fused)
     out_f, grads_f = _train_step(fused, x, labels)
+    assert folded == [True] * 8  # every block's SGE did its add and ReLU too
     assert_close(out_f, out_r)
     for name in grads_r:
         assert_close(grads_f[name], grads_r[name], msg=name)
@@ -136,6 +145,35 @@ def test_model_train_step_matches_reference(device):
     ref.eval()
     fused.eval()
     assert_close(fused(x), ref(x))
+
+
+def _count_folded_tails(model) -> list:
+    """A list that fills, per SGE call, with whether the call got the block's residual."""
+    seen = []
+    for block in model.modules():
+        if isinstance(block, FusedSpatialGroupEnhance):
+            block.register_forward_pre_hook(
+                lambda _m, _args, kwargs: seen.append(kwargs.get("residual") is not None),
+                with_kwargs=True)
+    return seen
+
+
+def test_drop_path_blocks_keep_timm_tail():
+    # With drop path the residual add is not SGE's to do: those blocks run timm's forward.
+    torch.manual_seed(0)
+    kw = dict(NARROW, drop_path_rate=0.2)
+    ref = models.create_model("sge_resnet18", sge_impl="reference", **kw).double().eval()
+    fused = models.create_model("sge_resnet18", sge_impl="fused", **kw).double().eval()
+    fused.load_state_dict(ref.state_dict())
+    folded = _count_folded_tails(fused)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert_close(fused(x), ref(x))
+    assert folded == [True] + [False] * 7  # only the first block has no drop path (rate 0)
+
+
+def test_residual_shape_is_checked():
+    with pytest.raises(ValueError, match="residual has shape"):
+        FusedSpatialGroupEnhance(16, 4)(torch.randn(2, 16, 3, 3), residual=torch.randn(2, 16, 3))
 
 
 def test_replaced_norm_falls_back():

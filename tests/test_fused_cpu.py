@@ -123,6 +123,40 @@ def test_with_batchnorm_matches_reference(shape, dtype, training, channels_last,
         assert calls["forward"] == 2 and calls["backward"] == 1
 
 
+def _tail_results(pair, x, residual, dy, fused):
+    """``relu(SGE(BN(x)) + residual)`` by the fused SGE's residual argument, or by the
+    reference and plain ops: output, gradients (x, residual, SGE's and BN's parameters),
+    running statistics."""
+    norm, sge = pair
+    xi, ri = x.clone().requires_grad_(), residual.clone().requires_grad_()
+    y = sge(norm(xi), residual=ri) if fused else torch.relu(sge(norm(xi)) + ri)
+    grads = torch.autograd.grad(y, [xi, ri, sge.weight, sge.bias, *norm.parameters()], dy)
+    return y, *grads, norm.running_mean.clone(), norm.running_var.clone()
+
+
+def _check_tail(shape, dtype, training, calls_expected, calls):
+    n, c, h, w, g = shape
+    _, _, x, dy = _layer_case(shape, dtype, False)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    (norm, sge), reference = _bn_pair(c, g, dtype, training)
+    got = _tail_results((norm, sge), x, residual, dy, fused=True)
+    expect = _tail_results(reference, x, residual, dy, fused=False)
+    assert (got[0] == 0).any() and (got[0] > 0).any()  # both sides of the ReLU are taken
+    for a, b in zip(got, expect):
+        assert_close(a, b, **_tol(dtype))
+    with torch.no_grad():  # inference: no statistics kept, same output
+        assert_close(sge(norm(x), residual=residual), got[0].detach(), **_tol(dtype))
+    assert calls["forward"] == calls["backward"] * 2 == calls_expected * 2
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_tail_matches_reference(shape, dtype, training, calls):
+    # The block's tail in one kernel: BN, SGE, the residual add and the ReLU.
+    _check_tail(shape, dtype, training, 1 if HAS_COMPILER else 0, calls)
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_batch_stats_match_float64(dtype):
@@ -144,7 +178,8 @@ def test_running_stats_as_batchnorm(momentum, monkeypatch):
     # nn.BatchNorm2d does (momentum None: cumulative average), once per forward.
     stats_calls = []
     real = fused_cpu.batch_stats
-    monkeypatch.setattr(fused_cpu, "batch_stats", lambda z: stats_calls.append(1) or real(z))
+    monkeypatch.setattr(fused_cpu, "batch_stats",
+                        lambda *args: stats_calls.append(1) or real(*args))
     (norm, sge), (bn, ref) = _bn_pair(16, 4, torch.float64, training=True)
     norm.momentum = bn.momentum = momentum
     gen = torch.Generator().manual_seed(4)
@@ -206,6 +241,17 @@ def test_pytorch_path_with_batchnorm(affine, pytorch_path, calls):
     for a, b in zip(*results):
         assert_close(a, b)
     assert calls["forward"] == calls["backward"] == 0
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 100])
+@pytest.mark.parametrize("training", [True, False])
+def test_pytorch_path_residual_tail(monkeypatch, training, per_chunk, pytorch_path, calls):
+    # The add and ReLU run per chunk of samples there (a batch of 5: chunks of 1, 2 + a
+    # remainder, or one chunk).
+    import sge.fused as fused_mod
+    n, c, h, w, g = shape = (5, 8, 3, 4, 4)
+    monkeypatch.setattr(fused_mod, "_CPU_CHUNK_BYTES", per_chunk * c * h * w * 8)
+    _check_tail(shape, torch.float64, training, 0, calls)
 
 
 def test_failed_build_falls_back_with_one_notice(monkeypatch):

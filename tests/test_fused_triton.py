@@ -169,6 +169,30 @@ def _norm_grads(ref, fused, x, dy, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_tail_matches_reference(training, layout):
+    # relu(SGE(BN(z)) + residual), the block's tail as the model calls it, against the
+    # float64 reference: output and gradients of z, the residual and every parameter.
+    ref, fused = _norm_blocks(16, 4, True, training)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x, residual, dy = (torch.randn(3, 16, 5, 6).to(DEVICE, memory_format=fmt)
+                       for _ in range(3))
+    out = []
+    for block, t in ((fused, torch.float32), (ref.double(), torch.float64)):
+        z, r = (v.detach().to(t).requires_grad_() for v in (x * 2 + 3, residual))
+        if block is fused:
+            y = block.se(block.bn(z), residual=r)
+        else:
+            y = torch.relu(block.se(block.bn(z)) + r)
+        out.append((y, *torch.autograd.grad(y, [z, r, *block.parameters()], dy.to(t))))
+    assert (out[0][0] == 0).any() and (out[0][0] > 0).any()
+    for a, b in zip(*out):
+        assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    assert out[0][0].is_contiguous(memory_format=fmt)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_norm_in_kernels_half_maps(dtype):
     # Half conv outputs with float32 BN parameters and statistics (autocast's case): only

@@ -42,6 +42,9 @@ def test_sge_pooling_is_what_separates_sge_from_plain_in_paper_macs():
     # One pooling op per element of every block output, over 3+4+6+3 blocks at 224 px.
     block_outputs = 3 * 256 * 56 ** 2 + 4 * 512 * 28 ** 2 + 6 * 1024 * 14 ** 2 + 3 * 2048 * 7 ** 2
     assert paper_macs(sge) - paper_macs(plain) == block_outputs
+    # The fused SGE runs its block's add and ReLU itself: counted the same as the reference.
+    reference = models.create_model("sge_resnet50", sge_impl="reference")
+    assert paper_macs(reference) == paper_macs(sge)
 
 
 @pytest.mark.parametrize("name", models.list_models())
