@@ -70,7 +70,8 @@ class Tail(nn.Module):
             return self.sge(x, residual=identity)
         if self.sge is not None:
             x = self.sge(x)
-        return torch.relu(x + identity)
+        x += identity  # in place, as timm's blocks: no fresh tensors (page faults on a CPU)
+        return x.relu_()
 
 
 def _timer(device):

@@ -325,7 +325,7 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
         if fused_triton.applies(z, groups):
             y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
                                      bias, groups)
-            if residual is not None:  # not in the kernel yet: measured on no GPU so far
+            if residual is not None:  # kept out of the kernels until a GPU can time that
                 y.add_(residual).relu_()
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):
