@@ -387,6 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps) {
   const at::Tensor z = z_in.contiguous();
+  TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
+              "sge_cpu: the residual must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const at::Tensor y = at::empty_like(z);
   auto stat = [&](std::vector<int64_t> shape) {
@@ -415,6 +417,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& bias, double eps) {
   const at::Tensor z = z_in.contiguous();
   const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous();
+  TORCH_CHECK(dy.sizes() == z.sizes() && (!y_out || y_out->sizes() == z.sizes()),
+              "sge_cpu: dy and y_out must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), groups = chat.size(1);
   const at::Tensor yo = y_out ? y_out->to(z.scalar_type()).contiguous() : at::Tensor();
   const at::Tensor dres = y_out ? at::empty_like(dy) : dy.new_empty({0});
@@ -431,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const auto grads = bn_backward<T>(dx, z, bn, sums, bn_training);
       if (bn_weight) {
         dbn_weight = channel_tensor(grads.first, *bn_weight);
-        dbn_bias = channel_tensor(grads.second, *bn_weight);
+        dbn_bias = channel_tensor(grads.second, bn_bias ? *bn_bias : *bn_weight);
       }
     }
   });
