@@ -5,9 +5,11 @@
 // core's L2 while the passes over it run). Statistics are computed in the input's type
 // (float or double), like the Triton kernels and the reference. Formulas: the module
 // docstring of sge/fused.py. Outputs are allocated by the caller; these only fill them.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
