@@ -263,6 +263,27 @@ def test_inductor_compiles_the_model(monkeypatch, tmp_path):
     _compiled_matches_reference(x.contiguous(memory_format=torch.channels_last))
 
 
+def test_inductor_compiles_the_residual_tail(monkeypatch, tmp_path):
+    # The models fold the residual only in eager mode, but the op takes it under compile too:
+    # output and gradients (input, residual, BN's and SGE's parameters) equal to eager, with
+    # channels_last inputs (the op's outputs keep the strides its fake promises).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    block = _bound(8, 4)
+    params = list(block.parameters())
+    x, residual, dy = (torch.randn(3, 8, 5, 6, dtype=torch.float64)
+                       .contiguous(memory_format=torch.channels_last) for _ in range(3))
+
+    def tail(x, residual):
+        return block.se(block.bn(x), residual=residual)
+    results = []
+    for fn in (tail, torch.compile(tail, fullgraph=True)):
+        xi, ri = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        y = fn(xi, ri)
+        results.append((y, *torch.autograd.grad(y, [xi, ri, *params], dy)))
+    for a, b in zip(*results):
+        assert_close(a, b)
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="groups=5"):
         FusedSpatialGroupEnhance(16, 5)
