@@ -67,8 +67,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _keep_format(out: Tensor, like: Tensor) -> Tensor:
-    """Give ``out`` (contiguous) the channels_last format when ``like`` has it."""
-    if not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    """Give ``out`` (contiguous) the channels_last format when ``like`` has it (an empty
+    placeholder output stays as it is)."""
+    if out.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+            memory_format=torch.channels_last):
         return out.contiguous(memory_format=torch.channels_last)
     return out
 
@@ -301,7 +303,7 @@ def _backward_chunk(dy, z, buf, chat, sigma, m, work, bn_weight, bn_bias, mean, 
 # Opaque ops: eager calls run the functions above; torch.compile sees one node each.
 
 def _bn(bn_weight, bn_bias, mean, var, eps):
-    """The Triton kernels' description of the BN before SGE (None without one)."""
+    """The kernels' description of the BN before SGE (None without one)."""
     return None if mean is None else (mean, var, bn_weight, bn_bias, eps)
 
 
@@ -329,8 +331,8 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
                 y.add_(residual).relu_()
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):
-            bn = None if mean is None else (bn_weight, bn_bias, mean, var, bn_eps)
-            y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual)
+            y, *stats = fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
+                                          bias, groups, keep, residual)
             return _keep_format(y, z), *stats
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                            keep, residual)
@@ -358,10 +360,10 @@ def _fused_backward(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Optio
         # The forward's path (the Triton kernels kept no statistics).
         triton = fused_triton.applies(dy, weight.shape[1])
         if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
-            bn = None if mean is None else (bn_weight, bn_bias, mean, var, bn_eps)
-            dz, dres, *grads = fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m,
-                                                  weight, bias)  # ReLU's backward included
-            return _keep_format(dz, dy), dres if y is None else _keep_format(dres, dy), *grads
+            dz, dres, *grads = fused_cpu.backward(  # ReLU's backward included
+                dy, y, z, _bn(bn_weight, bn_bias, mean, var, bn_eps), bn_training, chat, sigma,
+                m, weight, bias)
+            return _keep_format(dz, dy), _keep_format(dres, dy), *grads
         dres = dy.new_empty(0)
         if y is not None:  # ReLU's backward; the add passes its gradient to both branches
             dy = dres = torch.ops.aten.threshold_backward(dy, y, 0)

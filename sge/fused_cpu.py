@@ -85,14 +85,21 @@ def applies(z: Tensor) -> bool:
             and _ops() is not None)
 
 
+def _bn_args(bn) -> tuple:
+    """``bn = (mean, var, bn_weight, bn_bias, eps)`` (or None) in the ops' argument order."""
+    if bn is None:
+        return None, None, None, None, 0.0
+    mean, var, bn_weight, bn_bias, eps = bn
+    return bn_weight, bn_bias, mean, var, eps
+
+
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
             residual=None):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (contiguous NCHW ``y``; empty
-    statistics without ``keep``), ``bn = (bn_weight, bn_bias, mean, var, eps)`` the BN the
+    statistics without ``keep``), ``bn = (mean, var, bn_weight, bn_bias, eps)`` the BN the
     kernel applies first (weight and bias may be None) or None. With a ``residual``,
     ``y = relu(SGE(x) + residual)``, added as each tile is written."""
-    bn = bn or (None, None, None, None, 0.0)
-    return _ops().forward(z, *bn, weight, bias, residual, groups, keep, EPS)
+    return _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS)
 
 
 def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,
@@ -102,8 +109,8 @@ def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigm
     (ReLU's backward is done here too; ``dresidual`` is empty otherwise). BN's backward runs
     in the same sweep (its per-channel sums of dx and dx * z), then its input gradient goes
     into dx in place; BN's gradients are empty without its parameters."""
-    bn = bn or (None, None, None, None, 0.0)
-    return _ops().backward(dy, y, z, *bn, bn_training, chat, sigma, m, weight, bias, EPS)
+    return _ops().backward(dy, y, z, *_bn_args(bn), bn_training, chat, sigma, m, weight, bias,
+                           EPS)
 
 
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):
