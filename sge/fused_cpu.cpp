@@ -2,9 +2,10 @@
 //
 // The CPU counterpart of sge/fused_triton.py: one task per (sample, group) pair works on the
 // group's C/G x H*W tile (contiguous in NCHW, at most a few hundred KB, so it stays in the
-// core's L2 while the passes over it run). Statistics are computed in the input's type
-// (float or double), like the Triton kernels and the reference. Formulas: the module
-// docstring of sge/fused.py. Outputs are allocated by the caller; these only fill them.
+// core's L2 while the passes over it run). channels_last maps are taken as they are, in
+// strips transposed to that planar layout in cache (below). Statistics are computed in the
+// input's type (float or double), like the Triton kernels and the reference. Formulas: the
+// module docstring of sge/fused.py. The ops allocate their outputs in their input's layout.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,12 +13,18 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -60,10 +67,22 @@ inline T mean_of(const T* r, int64_t P) {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// A small tensor (parameters, statistics) as a contiguous one of type T.
+// A tensor as a contiguous one of type T (in the given layout).
 template <typename T>
-at::Tensor as_type(const at::Tensor& t) {
-  return t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+at::Tensor as_type(const at::Tensor& t,
+                   at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  return t.to(c10::CppTypeToScalarType<T>::value).contiguous(format);
+}
+
+// Whether the kernels work on t as channels_last (stored so; NCHW otherwise, copied if need
+// be). Outputs are allocated like the input, in the same layout.
+bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() &&
+         t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // The BN before SGE, x = BN(z) = z * scale_c + shift_c, from its statistics (the batch's or
@@ -97,11 +116,289 @@ Affine<T> affine_of(const OptTensor& bn_weight, const OptTensor& bn_bias, const 
   return f;
 }
 
+// Per-position scratch of one task.
+template <typename T>
+struct Scratch {
+  std::vector<T> a, b, m, w, zm;
+  Scratch(int64_t P, int64_t K) : a(P), b(P), m(K), w(K), zm(K) {}
+};
+
+// One (sample, group) tile: K channel rows of P positions each, contiguous (an NCHW map's,
+// or a planar strip's of a channels_last one, below). y may be z (in place): each value is
+// read before it is written. chat, sigma, m: where to keep the statistics, or null.
+template <typename T>
+void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t ch0,
+                  const Affine<T>& bn, T gamma, T beta, T eps, T* chat, T* sigma, T* m,
+                  Scratch<T>& s) {
+  const T dof = T(std::max<int64_t>(P - 1, 1));
+  T* ct = chat ? chat : s.a.data();
+  T* mk = m ? m : s.m.data();
+  T* wk = s.w.data();
+  T* zm = s.zm.data();
+  // Three reads of the tile (from cache after the first) and one write: x = BN(z) is
+  // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
+  for (int64_t k = 0; k < K; ++k) {
+    const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
+    zm[k] = mean_of(zt + k * P, P);
+    mk[k] = a * zm[k] + b;
+    wk[k] = mk[k] * a;
+  }
+  // c_p = <g, x_p> up to a constant, which c - mean(c) removes: sum_k g_k (x_kp - g_k)
+  // = sum_k g_k a_k (z_kp - mean(z_k)), each channel centred before it is summed (so a
+  // large offset in z costs no precision).
+  std::fill(ct, ct + P, T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const T wv = wk[k], zmean = zm[k];
+    const T* zr = zt + k * P;
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - zmean);
+  }
+  const T mean = mean_of(ct, P);
+  T sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t p = 0; p < P; ++p) {
+    ct[p] -= mean;
+    sq += ct[p] * ct[p];
+  }
+  const T sd = std::sqrt(sq / dof);  // unbiased std; 0 at H*W == 1, so chat == 0
+  const T inv = T(1) / (sd + eps);
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) ct[p] *= inv;
+  if (sigma) *sigma = sd;
+  // The gate goes into s.a (chat must stay when kept; otherwise s.a is chat).
+  T* gate = s.a.data();
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) gate[p] = sigmoid(gamma * ct[p] + beta);
+  for (int64_t k = 0; k < K; ++k) {
+    const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
+    const T* zr = zt + k * P;
+    T* yr = yt + k * P;
+    if (rt) {
+      const T* rr = rt + k * P;
+      // std::max(v, 0) keeps a NaN, as torch.relu does.
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) yr[p] = std::max((zr[p] * a + b) * gate[p] + rr[p], T(0));
+    } else {
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) yr[p] = (zr[p] * a + b) * gate[p];
+    }
+  }
+}
+
+// The backward of one tile (layout as forward_tile's): dx (which may be dy: in place), the
+// partials of dweight/dbias, and when BN is folded in the per-channel sums of dx and
+// dx * z that BN's backward needs (sum_dx, sum_dxz: K values each, or null). With the
+// tail's output yo (residual folded in), dy is first ReLU's: dres = dy where yo > 0, else
+// 0, written to dr (the residual's gradient) as the tile is read, and used in dy's place.
+template <typename T>
+void backward_tile(const T* dyt, const T* yo, T* dr, const T* zt, T* dxt, int64_t P,
+                   int64_t K, int64_t ch0, const Affine<T>& bn, T gamma, T beta, T sd,
+                   const T* ct, const T* mk, T eps, T* dw, T* db, T* sum_dx, T* sum_dxz,
+                   Scratch<T>& scratch) {
+  const T dof = T(std::max<int64_t>(P - 1, 1));
+  T* s = scratch.a.data();
+  T* d = scratch.b.data();  // ds, then da, then dc
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) s[p] = sigmoid(gamma * ct[p] + beta);
+  std::fill(d, d + P, T(0));
+  for (int64_t k = 0; k < K; ++k) {  // ds_p = sum_k dy_kp x_kp
+    const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
+    const T* zr = zt + k * P;
+    const T* dyr = dyt + k * P;
+    if (yo) {  // ReLU's backward, as threshold_backward: 0 where yo <= 0
+      const T* yr = yo + k * P;
+      T* gr = dr + k * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        const T v = yr[p] <= T(0) ? T(0) : dyr[p];
+        gr[p] = v;
+        d[p] += v * (zr[p] * a + b);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) d[p] += dyr[p] * (zr[p] * a + b);
+    }
+  }
+  T da_sum = 0, da_chat = 0;
+#pragma omp simd reduction(+ : da_sum, da_chat)
+  for (int64_t p = 0; p < P; ++p) {
+    const T v = d[p] * s[p] * (T(1) - s[p]);
+    d[p] = v;
+    da_sum += v;
+    da_chat += v * ct[p];
+  }
+  *dw = da_chat;
+  *db = da_sum;
+  // sigma == 0 means chat == 0: the normalisation's term vanishes (no 0/0).
+  const T coef = -(sd + eps) * da_chat / ((sd > 0 ? sd : T(1)) * dof);
+  const T f = gamma / (sd + eps), mean_da = da_sum / T(P);
+#pragma omp simd
+  for (int64_t p = 0; p < P; ++p) d[p] = f * (d[p] - mean_da + ct[p] * coef);
+  for (int64_t k = 0; k < K; ++k) {
+    const T a = bn.a(ch0 + k), b = bn.b(ch0 + k), mv = mk[k];
+    const T* zr = zt + k * P;
+    const T* gr = (yo ? dr : dyt) + k * P;
+    T* xr = dxt + k * P;
+    T dm = 0;
+#pragma omp simd reduction(+ : dm)
+    for (int64_t p = 0; p < P; ++p) dm += (zr[p] * a + b) * d[p];
+    dm /= T(P);
+    T sdx = 0, sdxz = 0;
+#pragma omp simd reduction(+ : sdx, sdxz)
+    for (int64_t p = 0; p < P; ++p) {
+      const T v = gr[p] * s[p] + dm + mv * d[p];
+      xr[p] = v;
+      sdx += v;
+      sdxz += v * zr[p];
+    }
+    if (sum_dx) {
+      sum_dx[k] = sdx;
+      sum_dxz[k] = sdxz;
+    }
+  }
+}
+
+// Channels_last maps (what Inductor gives CPU convolutions) are worked on in strips: one
+// sample's P x cw block of whole groups, transposed into a planar scratch that the tiles
+// above read from L2, then transposed back on the way out. The transposes are 8 x 8 blocks
+// in AVX2 registers; they replace the two layout copies Inductor made around the op.
+//
+// to_planar: dst[k * P + p] = src[p * ld + k] (p < P, k < cw). With a mask (src's layout):
+// src where mask > 0 or NaN, else 0 (ReLU's backward), also written to masked.
+// from_planar: dst[p * ld + k] = src[k * P + p]; with res (dst's layout) relu(src + res).
+template <typename T>
+inline T masked_value(const T* src, const T* mask, T* masked, int64_t i) {
+  if (!mask) return src[i];
+  const T v = mask[i] <= T(0) ? T(0) : src[i];
+  masked[i] = v;
+  return v;
+}
+
+template <typename T>
+inline T tail_value(T v, const T* res, int64_t i) {
+  return res ? std::max(v + res[i], T(0)) : v;
+}
+
+#if defined(__AVX2__)
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// The 8 x 8 blocks of to_planar / from_planar for float (8 positions x 8 channels).
+inline void to_planar_block(const float* src, int64_t ld, float* dst, int64_t P,
+                            const float* mask, float* masked) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm256_loadu_ps(src + i * ld);
+    if (mask) {  // not (mask <= 0), unordered: a NaN mask keeps the value
+      const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(mask + i * ld), _mm256_setzero_ps(),
+                                        _CMP_NLE_UQ);
+      r[i] = _mm256_and_ps(r[i], keep);
+      _mm256_storeu_ps(masked + i * ld, r[i]);
+    }
+  }
+  transpose8(r);
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * P, r[j]);
+}
+
+inline void from_planar_block(const float* src, int64_t P, float* dst, int64_t ld,
+                              const float* res) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * P);
+  transpose8(r);
+  for (int j = 0; j < 8; ++j) {
+    if (res) {  // max(0, v) returns v when v is NaN, as std::max(v, 0) and torch.relu
+      r[j] = _mm256_max_ps(_mm256_setzero_ps(),
+                           _mm256_add_ps(r[j], _mm256_loadu_ps(res + j * ld)));
+    }
+    _mm256_storeu_ps(dst + j * ld, r[j]);
+  }
+}
+#endif
+
+template <typename T>
+void to_planar(const T* src, int64_t ld, T* dst, int64_t P, int64_t cw,
+               const T* mask = nullptr, T* masked = nullptr) {
+  int64_t p0 = 0, k0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; p0 + 8 <= P; p0 += 8) {
+      const int64_t at = p0 * ld;
+      for (k0 = 0; k0 + 8 <= cw; k0 += 8) {
+        to_planar_block(src + at + k0, ld, dst + k0 * P + p0, P,
+                        mask ? mask + at + k0 : nullptr, masked ? masked + at + k0 : nullptr);
+      }
+      for (int64_t p = p0; p < p0 + 8; ++p) {
+        for (int64_t k = k0; k < cw; ++k) dst[k * P + p] = masked_value(src, mask, masked, p * ld + k);
+      }
+    }
+  }
+#endif
+  for (int64_t p = p0; p < P; ++p) {
+    for (int64_t k = 0; k < cw; ++k) dst[k * P + p] = masked_value(src, mask, masked, p * ld + k);
+  }
+}
+
+template <typename T>
+void from_planar(const T* src, int64_t P, T* dst, int64_t ld, int64_t cw,
+                 const T* res = nullptr) {
+  int64_t p0 = 0, k0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; p0 + 8 <= P; p0 += 8) {
+      const int64_t at = p0 * ld;
+      for (k0 = 0; k0 + 8 <= cw; k0 += 8) {
+        from_planar_block(src + k0 * P + p0, P, dst + at + k0, ld, res ? res + at + k0 : nullptr);
+      }
+      for (int64_t p = p0; p < p0 + 8; ++p) {
+        for (int64_t k = k0; k < cw; ++k) dst[p * ld + k] = tail_value(src[k * P + p], res, p * ld + k);
+      }
+    }
+  }
+#endif
+  for (int64_t p = p0; p < P; ++p) {
+    for (int64_t k = 0; k < cw; ++k) dst[p * ld + k] = tail_value(src[k * P + p], res, p * ld + k);
+  }
+}
+
+// How a channels_last map is cut into strips: groups per strip (a multiple of `unit`, so
+// that a strip is a whole number of 64-byte lines where the group size allows; about
+// 256 KB, since the backward holds two strips in L2; narrow enough that every thread gets
+// two tasks) and the number of strips per sample.
+struct Strips {
+  int64_t per, count;
+};
+
+Strips strips_of(int64_t N, int64_t P, int64_t K, int64_t groups, int64_t elem) {
+  const int64_t unit = std::min<int64_t>(groups, 16 / std::gcd<int64_t>(K, 16));
+  auto round_up = [&](int64_t v) { return (v + unit - 1) / unit * unit; };
+  int64_t per = std::max(unit, (256 << 10) / std::max<int64_t>(1, K * P * elem) / unit * unit);
+  const int64_t want = (2 * at::get_num_threads() + N - 1) / N;  // strips per sample
+  per = std::min(per, round_up((groups + want - 1) / want));
+  per = std::min(per, groups);
+  return {per, (groups + per - 1) / per};
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& weight,
                   const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& y,
                   const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
-                  int64_t groups, bool keep, double eps_) {
+                  int64_t groups, bool keep, bool channels_last, double eps_) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), K = C / groups;
   const T* zp = z.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -112,81 +409,50 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
   T* chatp = keep ? chat.mutable_data_ptr<T>() : nullptr;
   T* sigmap = keep ? sigma.mutable_data_ptr<T>() : nullptr;
   T* mp = keep ? m.mutable_data_ptr<T>() : nullptr;
-  const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
-  at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> cbuf(P), mbuf(K), wbuf(K), zbuf(K);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t g = row % groups, c0 = (row / groups) * C + g * K;
-      const T* zt = zp + c0 * P;
-      T* yt = yp + c0 * P;
-      T* ct = keep ? chatp + row * P : cbuf.data();
-      T* mk = keep ? mp + row * K : mbuf.data();
-      T* wk = wbuf.data();
-      T* zm = zbuf.data();
-      // Three reads of the tile (from cache after the first) and one write: x = BN(z) is
-      // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = bn.a(g * K + k), b = bn.b(g * K + k);
-        zm[k] = mean_of(zt + k * P, P);
-        mk[k] = a * zm[k] + b;
-        wk[k] = mk[k] * a;
+  const T eps = T(eps_);
+  // The statistics of (sample n, group g), the tile's rows: row = n * groups + g.
+  auto tile = [&](const T* zt, T* yt, const T* rt, int64_t row, Scratch<T>& s) {
+    const int64_t g = row % groups;
+    forward_tile(zt, yt, rt, P, K, g * K, bn, wp[g], bp[g], eps, keep ? chatp + row * P : nullptr,
+                 keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr, s);
+  };
+  if (!channels_last) {  // one task per (sample, group): its tile is contiguous
+    at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> s(P, K);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t at = (row / groups) * C * P + (row % groups) * K * P;
+        tile(zp + at, yp + at, rp ? rp + at : nullptr, row, s);
       }
-      // c_p = <g, x_p> up to a constant, which c - mean(c) removes: sum_k g_k (x_kp - g_k)
-      // = sum_k g_k a_k (z_kp - mean(z_k)), each channel centred before it is summed (so a
-      // large offset in z costs no precision).
-      std::fill(ct, ct + P, T(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const T wv = wk[k], zmean = zm[k];
-        const T* zr = zt + k * P;
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - zmean);
+    });
+    return;
+  }
+  const Strips st = strips_of(N, P, K, groups, sizeof(T));
+  at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s(P, K);
+    std::vector<T> strip(st.per * K * P);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
+      const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
+      to_planar(zp + at, C, strip.data(), P, (g1 - g0) * K);
+      for (int64_t g = g0; g < g1; ++g) {  // y in place of z in the strip
+        T* t = strip.data() + (g - g0) * K * P;
+        tile(t, t, nullptr, n * groups + g, s);
       }
-      const T mean = mean_of(ct, P);
-      T sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t p = 0; p < P; ++p) {
-        ct[p] -= mean;
-        sq += ct[p] * ct[p];
-      }
-      const T sd = std::sqrt(sq / dof);  // unbiased std; 0 at H*W == 1, so chat == 0
-      const T inv = T(1) / (sd + eps), gamma = wp[g], beta = bp[g];
-#pragma omp simd
-      for (int64_t p = 0; p < P; ++p) ct[p] *= inv;
-      if (keep) sigmap[row] = sd;
-      // The gate goes into cbuf (chat must stay when kept; otherwise cbuf is chat).
-      T* gate = cbuf.data();
-#pragma omp simd
-      for (int64_t p = 0; p < P; ++p) gate[p] = sigmoid(gamma * ct[p] + beta);
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = bn.a(g * K + k), b = bn.b(g * K + k);
-        const T* zr = zt + k * P;
-        T* yr = yt + k * P;
-        if (rp) {
-          const T* rr = rp + c0 * P + k * P;
-          // std::max(v, 0) keeps a NaN, as torch.relu does.
-#pragma omp simd
-          for (int64_t p = 0; p < P; ++p) {
-            yr[p] = std::max((zr[p] * a + b) * gate[p] + rr[p], T(0));
-          }
-        } else {
-#pragma omp simd
-          for (int64_t p = 0; p < P; ++p) yr[p] = (zr[p] * a + b) * gate[p];
-        }
-      }
+      from_planar(strip.data(), P, yp + at, C, (g1 - g0) * K, rp ? rp + at : nullptr);
     }
   });
 }
 
 // dx (SGE's input gradient), dweight/dbias partials per (n, g), and when BN is folded in the
 // per-(n, c) sums of dx and dx * z that BN's backward needs. With the tail's output y_out
-// (residual folded in), dy is first ReLU's: dres = dy where y_out > 0, else 0, written to
-// dres (the residual's gradient) as the tile is read, and used in dy's place.
+// (residual folded in), ReLU's backward first: its gradient is written to dres.
 template <typename T>
 void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tensor& z,
                    const Affine<T>& bn, const at::Tensor& chat, const at::Tensor& sigma,
                    const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& dres, const at::Tensor& dx, const at::Tensor& dw,
-                   const at::Tensor& db, const at::Tensor& sums, double eps_) {
+                   const at::Tensor& db, const at::Tensor& sums, bool channels_last,
+                   double eps_) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const int64_t groups = chat.size(1), K = C / groups;
   const T* dyp = dy.const_data_ptr<T>();
@@ -202,96 +468,72 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
   const T* yop = y_out.defined() ? y_out.const_data_ptr<T>() : nullptr;
   T* drp = yop ? dres.mutable_data_ptr<T>() : nullptr;
   T* sump = bn.on() ? sums.mutable_data_ptr<T>() : nullptr;  // (2, N, C)
-  const T eps = T(eps_), dof = T(std::max<int64_t>(P - 1, 1));
-  at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(P), dbuf(P);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / groups, g = row % groups, c0 = n * C + g * K;
-      const T* zt = zp + c0 * P;
-      const T* dyt = dyp + c0 * P;
-      T* drt = yop ? drp + c0 * P : nullptr;
-      T* dxt = dxp + c0 * P;
-      const T* ct = chatp + row * P;
-      const T* mk = mp + row * K;
-      const T gamma = wp[g], beta = bp[g], sd = sigmap[row];
-      T* s = sbuf.data();
-      T* d = dbuf.data();  // ds, then da, then dc
-#pragma omp simd
-      for (int64_t p = 0; p < P; ++p) s[p] = sigmoid(gamma * ct[p] + beta);
-      std::fill(d, d + P, T(0));
-      for (int64_t k = 0; k < K; ++k) {  // ds_p = sum_k dy_kp x_kp
-        const T a = bn.a(g * K + k), b = bn.b(g * K + k);
-        const T* zr = zt + k * P;
-        const T* dr = dyt + k * P;
-        if (yop) {  // ReLU's backward, as threshold_backward: 0 where y_out <= 0
-          const T* yr = yop + c0 * P + k * P;
-          T* gr = drt + k * P;
-#pragma omp simd
-          for (int64_t p = 0; p < P; ++p) {
-            const T v = yr[p] <= T(0) ? T(0) : dr[p];
-            gr[p] = v;
-            d[p] += v * (zr[p] * a + b);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t p = 0; p < P; ++p) d[p] += dr[p] * (zr[p] * a + b);
-        }
+  const T eps = T(eps_);
+  auto tile = [&](const T* dyt, const T* yo, T* dr, const T* zt, T* dxt, int64_t row,
+                  Scratch<T>& s) {
+    const int64_t n = row / groups, g = row % groups, at = n * C + g * K;
+    backward_tile(dyt, yo, dr, zt, dxt, P, K, g * K, bn, wp[g], bp[g], sigmap[row],
+                  chatp + row * P, mp + row * K, eps, dwp + row, dbp + row,
+                  sump ? sump + at : nullptr, sump ? sump + N * C + at : nullptr, s);
+  };
+  if (!channels_last) {
+    at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
+      Scratch<T> s(P, K);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t at = (row / groups) * C * P + (row % groups) * K * P;
+        tile(dyp + at, yop ? yop + at : nullptr, yop ? drp + at : nullptr, zp + at, dxp + at,
+             row, s);
       }
-      T da_sum = 0, da_chat = 0;
-#pragma omp simd reduction(+ : da_sum, da_chat)
-      for (int64_t p = 0; p < P; ++p) {
-        const T v = d[p] * s[p] * (T(1) - s[p]);
-        d[p] = v;
-        da_sum += v;
-        da_chat += v * ct[p];
+    });
+    return;
+  }
+  // ReLU's backward is done by the transpose of dy (which writes dres as it goes); dx is
+  // computed in place of dy in its strip.
+  const Strips st = strips_of(N, P, K, groups, sizeof(T));
+  at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s(P, K);
+    std::vector<T> dstrip(st.per * K * P), zstrip(st.per * K * P);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
+      const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
+      const int64_t cw = (g1 - g0) * K;
+      to_planar(dyp + at, C, dstrip.data(), P, cw, yop ? yop + at : nullptr,
+                yop ? drp + at : nullptr);
+      to_planar(zp + at, C, zstrip.data(), P, cw);
+      for (int64_t g = g0; g < g1; ++g) {
+        T* d = dstrip.data() + (g - g0) * K * P;
+        tile(d, nullptr, nullptr, zstrip.data() + (g - g0) * K * P, d, n * groups + g, s);
       }
-      dwp[row] = da_chat;
-      dbp[row] = da_sum;
-      // sigma == 0 means chat == 0: the normalisation's term vanishes (no 0/0).
-      const T coef = -(sd + eps) * da_chat / ((sd > 0 ? sd : T(1)) * dof);
-      const T f = gamma / (sd + eps), mean_da = da_sum / T(P);
-#pragma omp simd
-      for (int64_t p = 0; p < P; ++p) d[p] = f * (d[p] - mean_da + ct[p] * coef);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t ch = g * K + k;
-        const T a = bn.a(ch), b = bn.b(ch), mv = mk[k];
-        const T* zr = zt + k * P;
-        const T* dr = (yop ? drt : dyt) + k * P;
-        T* xr = dxt + k * P;
-        T dm = 0;
-#pragma omp simd reduction(+ : dm)
-        for (int64_t p = 0; p < P; ++p) dm += (zr[p] * a + b) * d[p];
-        dm /= T(P);
-        T sdx = 0, sdxz = 0;
-#pragma omp simd reduction(+ : sdx, sdxz)
-        for (int64_t p = 0; p < P; ++p) {
-          const T v = dr[p] * s[p] + dm + mv * d[p];
-          xr[p] = v;
-          sdx += v;
-          sdxz += v * zr[p];
-        }
-        if (sump) {
-          sump[n * C + ch] = sdx;
-          sump[N * C + n * C + ch] = sdxz;
-        }
-      }
+      from_planar(dstrip.data(), P, dxp + at, C, cw);
     }
   });
 }
 
-// BN's input gradient in place: dx <- a_c dx + b_c z + d_c (b, d empty: dx <- a_c dx).
+// BN's input gradient in place: dx <- a_c dx + b_c z + d_c (b, d empty: dx <- a_c dx), on
+// NCHW maps (rows of P positions, one channel each) or channels_last ones (rows of C).
 template <typename T>
 void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const std::vector<T>& a,
-                        const std::vector<T>& b, const std::vector<T>& d) {
+                        const std::vector<T>& b, const std::vector<T>& d, bool channels_last) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   T* dxp = dx.mutable_data_ptr<T>();
   const T* zp = z.const_data_ptr<T>();
   const bool full = !b.empty();
-  at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
+  const int64_t len = channels_last ? C : P;
+  at::parallel_for(0, N * (channels_last ? P : C), 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      T* xr = dxp + row * len;
+      const T* zr = zp + row * len;
+      if (channels_last) {  // per-channel coefficients along the row
+        if (full) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) xr[c] = a[c] * xr[c] + b[c] * zr[c] + d[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) xr[c] *= a[c];
+        }
+        continue;
+      }
       const int64_t c = row % C;
-      T* xr = dxp + row * P;
-      const T* zr = zp + row * P;
       const T av = a[c];
       if (full) {
         const T bv = b[c], dv = d[c];
@@ -312,7 +554,7 @@ void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const std::ve
 template <typename T>
 std::pair<std::vector<double>, std::vector<double>> bn_backward(
     const at::Tensor& dx, const at::Tensor& z, const Affine<T>& bn, const at::Tensor& sums,
-    bool training) {
+    bool training, bool channels_last) {
   const int64_t N = z.size(0), C = z.size(1), count = N * z.size(2) * z.size(3);
   const T* sp = sums.const_data_ptr<T>();  // (2, N, C)
   std::vector<T> a(bn.scale), b, d;
@@ -334,7 +576,7 @@ std::pair<std::vector<double>, std::vector<double>> bn_backward(
     dgamma[c] = sum_dxc * inv;
     dbeta[c] = sum_dx;
   }
-  bn_input_grad_impl<T>(dx, z, a, b, d);
+  bn_input_grad_impl<T>(dx, z, a, b, d, channels_last);
   return {dgamma, dbeta};
 }
 
@@ -388,7 +630,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps) {
-  const at::Tensor z = z_in.contiguous();
+  const bool cl = is_channels_last(z_in);
+  const at::Tensor z = z_in.contiguous(format_of(cl));
   TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
               "sge_cpu: the residual must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
@@ -402,8 +645,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     using T = scalar_t;
     forward_impl<T>(z, affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C),
                     as_type<T>(weight), as_type<T>(bias),
-                    residual ? as_type<T>(*residual) : at::Tensor(), y, chat, sigma, m, groups,
-                    keep, eps);
+                    residual ? as_type<T>(*residual, format_of(cl)) : at::Tensor(), y, chat,
+                    sigma, m, groups, keep, cl, eps);
   });
   return {y, chat, sigma, m};
 }
@@ -417,12 +660,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
     const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
     const at::Tensor& bias, double eps) {
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous();
+  const bool cl = is_channels_last(dy_in);  // the layout of dy and of the gradients
+  const at::Tensor z = z_in.contiguous(format_of(cl));
+  const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous(format_of(cl));
   TORCH_CHECK(dy.sizes() == z.sizes() && (!y_out || y_out->sizes() == z.sizes()),
               "sge_cpu: dy and y_out must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), groups = chat.size(1);
-  const at::Tensor yo = y_out ? y_out->to(z.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor yo =
+      y_out ? y_out->to(z.scalar_type()).contiguous(format_of(cl)) : at::Tensor();
   const at::Tensor dres = y_out ? at::empty_like(dy) : dy.new_empty({0});
   const at::Tensor dx = at::empty_like(dy);
   const at::Tensor dw = chat.new_empty({N, groups}), db = chat.new_empty({N, groups});
@@ -432,9 +677,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Affine<T> bn = affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C);
     const at::Tensor sums = bn.on() ? z.new_empty({2, N, C}) : z.new_empty({0});
     backward_impl<T>(dy, yo, z, bn, chat, sigma, m, as_type<T>(weight), as_type<T>(bias),
-                     dres, dx, dw, db, sums, eps);
+                     dres, dx, dw, db, sums, cl, eps);
     if (bn.on()) {
-      const auto grads = bn_backward<T>(dx, z, bn, sums, bn_training);
+      const auto grads = bn_backward<T>(dx, z, bn, sums, bn_training, cl);
       if (bn_weight) {
         dbn_weight = channel_tensor(grads.first, *bn_weight);
         dbn_bias = channel_tensor(grads.second, bn_bias ? *bn_bias : *bn_weight);
@@ -463,6 +708,7 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
   }
   return {mean, var};
 }
+
 
 }  // namespace
 
