@@ -28,14 +28,16 @@ LAYERS = {
 }
 
 
-def _folds_tail(block) -> bool:
-    """Whether ``block``'s fused SGE also does its residual add and ReLU: in eager mode.
-    Under ``torch.compile`` Inductor fuses the add and ReLU into its own layout conversion
-    after the op; given to the op they cost three more conversions per block (its inputs and
-    output are NCHW, Inductor's convolutions channels_last)."""
+def _folds_tail(block, x) -> bool:
+    """Whether ``block``'s fused SGE also does its residual add and ReLU: in eager mode, and
+    under ``torch.compile`` on CPU, where the C++ kernels take Inductor's channels_last maps
+    as they are and write the block's output directly. Under compile on GPUs Inductor fuses
+    the add and ReLU into its next kernel, while the Triton path would run them as two more
+    passes."""
     act = block.act3 if isinstance(block, Bottleneck) else block.act2
     return (isinstance(block.se, FusedSpatialGroupEnhance) and block.drop_path is None
-            and type(act) is nn.ReLU and not torch.compiler.is_compiling())
+            and type(act) is nn.ReLU
+            and (not torch.compiler.is_compiling() or x.device.type == "cpu"))
 
 
 class SGEBottleneck(Bottleneck):
@@ -44,7 +46,7 @@ class SGEBottleneck(Bottleneck):
     modules, keys and outputs; other SGE blocks (reference, drop path) run timm's forward."""
 
     def forward(self, x):
-        if not _folds_tail(self):
+        if not _folds_tail(self, x):
             return super().forward(x)
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
@@ -59,7 +61,7 @@ class SGEBasicBlock(BasicBlock):
     """timm's BasicBlock with the tail folded as in ``SGEBottleneck``."""
 
     def forward(self, x):
-        if not _folds_tail(self):
+        if not _folds_tail(self, x):
             return super().forward(x)
         shortcut = x
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))

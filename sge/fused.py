@@ -315,7 +315,13 @@ def _no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
-@torch.library.custom_op("sge::fused_forward", mutates_args=())
+# flexible_layout: under torch.compile the ops take their maps in whatever layout Inductor
+# gives them (channels_last for CPU convolutions) instead of NCHW copies; their outputs have
+# their inputs' layout (empty_like in the fakes), on every path.
+_LAYOUT = (torch.Tag.flexible_layout,)
+
+
+@torch.library.custom_op("sge::fused_forward", mutates_args=(), tags=_LAYOUT)
 def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor,
                    bias: Tensor, residual: Optional[Tensor], groups: int, bn_training: bool,
@@ -349,7 +355,7 @@ def _(z, bn_weight, bn_bias, mean, var, weight, bias, residual, groups, bn_train
             z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
 
 
-@torch.library.custom_op("sge::fused_backward", mutates_args=())
+@torch.library.custom_op("sge::fused_backward", mutates_args=(), tags=_LAYOUT)
 def _fused_backward(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], mean: Optional[Tensor],
                     var: Optional[Tensor], chat: Tensor, sigma: Tensor, m: Tensor,
@@ -366,7 +372,7 @@ def _fused_backward(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Optio
             return _keep_format(dz, dy), _keep_format(dres, dy), *grads
         dres = dy.new_empty(0)
         if y is not None:  # ReLU's backward; the add passes its gradient to both branches
-            dy = dres = torch.ops.aten.threshold_backward(dy, y, 0)
+            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
         if triton:  # recomputes the statistics
             dz, dweight, dbias, dbn_weight, dbn_bias = fused_triton.backward(
                 dy, z, _bn(bn_weight, bn_bias, mean, var, bn_eps), bn_training, weight, bias,

@@ -9,7 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import models
-from sge import SpatialGroupEnhance
+from sge import SpatialGroupEnhance, fused_cpu
 from sge.fused import DeferredBatchNorm2d, FusedSpatialGroupEnhance
 
 # (N, C, H, W, G): odd sizes, H*W == 1, one channel per group, a large batch.
@@ -256,17 +256,28 @@ def test_traces_as_one_graph():
 def test_inductor_compiles_the_model(monkeypatch, tmp_path):
     # Whole-model Inductor, its CPU code generation included; float64, so that Inductor's
     # reordered sums stay far inside the tolerance (in float32 they move this tiny net's
-    # gradients by ~1e-3 relative, without SGE too). Inductor lays CPU convolutions out
-    # channels_last: the ops still get and return the strides they promise.
+    # gradients by ~1e-3 relative, without SGE too). The input is NCHW, but Inductor lays
+    # CPU convolutions out channels_last: the ops still get and return the strides they
+    # promise.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no stale cached graph
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    _compiled_matches_reference(x.contiguous(memory_format=torch.channels_last))
+    seen = []
+    if fused_cpu.applies(torch.zeros(1, 1, 1, 1)):
+        real = fused_cpu.forward
+
+        def spy(z, *args):
+            seen.append((z.is_contiguous(memory_format=torch.channels_last), args[-1] is not None))
+            return real(z, *args)
+        monkeypatch.setattr(fused_cpu, "forward", spy)
+    _compiled_matches_reference(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    # With the C++ kernels, every block's op got Inductor's channels_last maps as they are
+    # (no copies to NCHW around it) and did the block's residual add and ReLU.
+    assert seen == [] or seen == [(True, True)] * 8
 
 
 def test_inductor_compiles_the_residual_tail(monkeypatch, tmp_path):
-    # The models fold the residual only in eager mode, but the op takes it under compile too:
-    # output and gradients (input, residual, BN's and SGE's parameters) equal to eager, with
-    # channels_last inputs (the op's outputs keep the strides its fake promises).
+    # The op with a residual under compile alone (on GPUs the models fold it only in eager
+    # mode): output and gradients (input, residual, BN's and SGE's parameters) equal to
+    # eager, with channels_last inputs (the op's outputs keep the strides its fake promises).
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     block = _bound(8, 4)
     params = list(block.parameters())
