@@ -456,7 +456,8 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
                 norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
         # Asked after is_compiling, so that tracing never enters fused_cpu.applies (its first
         # call builds or loads the kernels).
-        elif count > 1 and z.is_contiguous() and fused_cpu.applies(z):
+        elif count > 1 and (z.is_contiguous() or z.is_contiguous(
+                memory_format=torch.channels_last)) and fused_cpu.applies(z):
             mean, var = fused_cpu.batch_stats(
                 z.detach(), norm.running_mean if track else None,
                 norm.running_var if track else None, momentum)

@@ -580,27 +580,55 @@ std::pair<std::vector<double>, std::vector<double>> bn_backward(
   return {dgamma, dbeta};
 }
 
-// BatchNorm's batch statistics of an NCHW map: per channel mean and biased variance. ATen's
-// torch.batch_norm_update_stats took 60 ms over ResNet-50's 16 gated BN inputs at batch 16,
-// 224 px (a pass over them from memory takes ~8). Here one pass: each (sample, channel) row's
-// mean, then its centred sum of squares from L1; rows are combined per channel in double
-// (M2 = sum M2_row + P sum (mean_row - mean)^2), so a large offset costs no precision.
+// BatchNorm's batch statistics of an NCHW or channels_last map: per channel mean and biased
+// variance. ATen's torch.batch_norm_update_stats took 60 ms over ResNet-50's 16 gated BN
+// inputs at batch 16, 224 px (a pass over them from memory takes ~8). Here one pass: each
+// (sample, channel) row's mean, then its centred sum of squares from cache (channels_last:
+// a sample's per-channel sums along its rows of C, then the same from L2/L3); rows are
+// combined per channel in double (M2 = sum M2_row + P sum (mean_row - mean)^2), so a large
+// offset costs no precision.
 template <typename T>
-void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var) {
+void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
+                      bool channels_last) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const T* zp = z.const_data_ptr<T>();
   std::vector<double> row_mean(N * C), row_m2(N * C);
-  at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const T* zr = zp + row * P;
-      const T m = mean_of(zr, P);
-      T q = 0;
+  if (channels_last) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> m(C), q(C);  // each a sum of P values one at a time: in double
+      for (int64_t n = begin; n < end; ++n) {
+        const T* zn = zp + n * P * C;
+        std::fill(m.begin(), m.end(), 0.0);
+        std::fill(q.begin(), q.end(), 0.0);
+        for (int64_t p = 0; p < P; ++p) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) m[c] += zn[p * C + c];
+        }
+        for (int64_t c = 0; c < C; ++c) m[c] /= double(P);
+        for (int64_t p = 0; p < P; ++p) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = zn[p * C + c] - m[c];
+            q[c] += d * d;
+          }
+        }
+        std::copy(m.begin(), m.end(), row_mean.begin() + n * C);
+        std::copy(q.begin(), q.end(), row_m2.begin() + n * C);
+      }
+    });
+  } else {
+    at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const T* zr = zp + row * P;
+        const T m = mean_of(zr, P);
+        T q = 0;
 #pragma omp simd reduction(+ : q)
-      for (int64_t p = 0; p < P; ++p) q += (zr[p] - m) * (zr[p] - m);
-      row_mean[row] = m;
-      row_m2[row] = q;
-    }
-  });
+        for (int64_t p = 0; p < P; ++p) q += (zr[p] - m) * (zr[p] - m);
+        row_mean[row] = m;
+        row_m2[row] = q;
+      }
+    });
+  }
   T* mp = mean.mutable_data_ptr<T>();
   T* vp = var.mutable_data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) {
@@ -691,15 +719,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           db.sum(0).view(shape).to(bias.scalar_type()), dbn_weight, dbn_bias};
 }
 
-// BN's batch statistics (mean, biased variance) of a contiguous NCHW map, updating the
-// running ones as nn.BatchNorm2d does when given (running variance unbiased).
+// BN's batch statistics (mean, biased variance) of a contiguous NCHW or channels_last map,
+// updating the running ones as nn.BatchNorm2d does when given (running variance unbiased).
 std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
                                                const OptTensor& running_mean,
                                                const OptTensor& running_var, double momentum) {
-  TORCH_CHECK(z.is_contiguous(), "sge_cpu: batch_stats takes contiguous NCHW maps");
+  const bool cl = is_channels_last(z);
+  TORCH_CHECK(cl || z.is_contiguous(), "sge_cpu: batch_stats takes contiguous NCHW or "
+              "channels_last maps");
   const at::Tensor mean = z.new_empty({z.size(1)}), var = z.new_empty({z.size(1)});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_batch_stats", [&] {
-    batch_stats_impl<scalar_t>(z, mean, var);
+    batch_stats_impl<scalar_t>(z, mean, var, cl);
   });
   if (running_mean) {
     const double count = double(z.numel() / z.size(1));

@@ -188,15 +188,17 @@ def test_channels_last_strips(shape, calls):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_batch_stats_match_float64(dtype):
-    # BN's batch mean and biased variance per channel, against float64 sums; the offset of
-    # 100 (std 3) would cost a float32 E[z^2] - E[z]^2 about 1e-2 relative.
+    # BN's batch mean and biased variance per channel, NCHW and channels_last, against
+    # float64 sums; the offset of 100 (std 3) would cost a float32 E[z^2] - E[z]^2 about
+    # 1e-2 relative.
     gen = torch.Generator().manual_seed(3)
-    for shape in [(2, 16, 5, 7), (67, 8, 3, 2), (3, 4, 1, 1), (1, 6, 1, 9)]:
+    for shape in [(2, 16, 5, 7), (67, 8, 3, 2), (3, 4, 1, 1), (1, 6, 1, 9), (2, 24, 40, 33)]:
         z = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 100
-        mean, var = fused_cpu.batch_stats(z)
         ref = z.double()
-        assert_close(mean, ref.mean((0, 2, 3)).to(dtype), **_tol(dtype))
-        assert_close(var, ref.var((0, 2, 3), correction=0).to(dtype), **_tol(dtype))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            mean, var = fused_cpu.batch_stats(z.contiguous(memory_format=layout))
+            assert_close(mean, ref.mean((0, 2, 3)).to(dtype), **_tol(dtype))
+            assert_close(var, ref.var((0, 2, 3), correction=0).to(dtype), **_tol(dtype))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
