@@ -1,4 +1,5 @@
-"""C++ CPU kernels for the fused SGE (``sge/fused_cpu.cpp``; ``sge/fused.py`` calls them).
+"""C++ CPU kernels for the fused SGE (``sge/fused_cpu.cpp`` and its channels_last helpers
+``sge/fused_cpu_layout.h``; ``sge/fused.py`` calls them).
 
 Why: the PyTorch path of the fused op on CPU is a dozen ATen calls per chunk of samples,
 several over per-position tensors only C/G times smaller than the feature map; it left the
@@ -10,11 +11,14 @@ gradient then goes into dx in place (one more sweep, no fresh tensor). With a re
 forward also does the block's add and ReLU, and the backward ReLU's backward, as each tile
 is read. Each is one call from Python: BN's coefficients, the outputs' allocation and BN's
 backward are done in C++ too (the small ATen calls they took from Python cost ~0.15 ms per
-block per step, forward and backward, timed on tiny maps).
+block per step, forward and backward, timed on tiny maps). channels_last maps (Inductor's
+layout for CPU convolutions) are taken and given back as they are: strips of them are
+transposed in cache for the tiles (``fused_cpu_layout.h``), where the op used to copy them
+to NCHW and back.
 
 Built with ``torch.utils.cpp_extension`` on first use into ``.cache/torch_extensions``
-(git-ignored; later imports load the cached library). float32 and float64 contiguous-able
-tensors only; other dtypes, or a failed build (no compiler), use the PyTorch path, the
+(git-ignored; later imports load the cached library). float32 and float64 tensors only
+(NCHW or channels_last; other strides are copied to NCHW); other dtypes, or a failed build (no compiler), use the PyTorch path, the
 latter with a one-line notice.
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import Tensor
 
 from sge.layer import EPS
 
-_SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+# Built as one unit, in this order (the kernels use the layout helpers).
+_SOURCES = [Path(__file__).with_name(n) for n in ("fused_cpu_layout.h", "fused_cpu.cpp")]
 _CACHE = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
 # The vector instructions torch found on this CPU (ATen's own kernels dispatch on the same).
 # Without these flags g++ emits SSE2 only and the forward took 1.4x BatchNorm's time at
@@ -53,7 +58,8 @@ def _ops():
             build_dir = _CACHE / f"sge_cpu_{isa.lower()}"
             build_dir.mkdir(parents=True, exist_ok=True)
             # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers.
-            load_inline("sge_cpu", _SOURCE.read_text(), build_directory=str(build_dir),
+            load_inline("sge_cpu", [p.read_text() for p in _SOURCES],
+                        build_directory=str(build_dir),
                         extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math",
                                       *_ISA_FLAGS.get(isa, [])],
                         is_python_module=False)
