@@ -4,9 +4,10 @@
 // The CPU counterpart of sge/fused_triton.py: one task per (sample, group) pair works on the
 // group's C/G x H*W tile (contiguous in NCHW, at most a few hundred KB, so it stays in the
 // core's L2 while the passes over it run). channels_last maps are taken as they are, in
-// strips transposed to that planar layout in cache (sge/fused_cpu_layout.h). Statistics are computed in the
-// input's type (float or double), like the Triton kernels and the reference. Formulas: the
-// module docstring of sge/fused.py. The ops allocate their outputs in their input's layout.
+// strips transposed to that planar layout in cache (sge/fused_cpu_layout.h). Statistics are
+// computed in the input's type (float or double), like the Triton kernels and the reference.
+// Formulas: the module docstring of sge/fused.py. The ops allocate their outputs in their
+// input's layout.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -289,16 +291,16 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
   const Strips st = strips_of(N, P, K, groups, sizeof(T));
   at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(P, K);
-    std::vector<T> strip(st.per * K * P);
+    const std::unique_ptr<T[]> strip(new T[st.per * K * P]);  // not zero-filled
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
       const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
-      to_planar(zp + at, C, strip.data(), P, (g1 - g0) * K);
+      to_planar(zp + at, C, strip.get(), P, (g1 - g0) * K);
       for (int64_t g = g0; g < g1; ++g) {  // y in place of z in the strip
-        T* t = strip.data() + (g - g0) * K * P;
+        T* t = strip.get() + (g - g0) * K * P;
         tile(t, t, nullptr, n * groups + g, s);
       }
-      from_planar(strip.data(), P, yp + at, C, (g1 - g0) * K, rp ? rp + at : nullptr);
+      from_planar(strip.get(), P, yp + at, C, (g1 - g0) * K, rp ? rp + at : nullptr);
     }
   });
 }
@@ -352,19 +354,19 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
   const Strips st = strips_of(N, P, K, groups, sizeof(T));
   at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> s(P, K);
-    std::vector<T> dstrip(st.per * K * P), zstrip(st.per * K * P);
+    const std::unique_ptr<T[]> dstrip(new T[st.per * K * P]), zstrip(new T[st.per * K * P]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
       const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
       const int64_t cw = (g1 - g0) * K;
-      to_planar(dyp + at, C, dstrip.data(), P, cw, yop ? yop + at : nullptr,
+      to_planar(dyp + at, C, dstrip.get(), P, cw, yop ? yop + at : nullptr,
                 yop ? drp + at : nullptr);
-      to_planar(zp + at, C, zstrip.data(), P, cw);
+      to_planar(zp + at, C, zstrip.get(), P, cw);
       for (int64_t g = g0; g < g1; ++g) {
-        T* d = dstrip.data() + (g - g0) * K * P;
-        tile(d, nullptr, nullptr, zstrip.data() + (g - g0) * K * P, d, n * groups + g, s);
+        T* d = dstrip.get() + (g - g0) * K * P;
+        tile(d, nullptr, nullptr, zstrip.get() + (g - g0) * K * P, d, n * groups + g, s);
       }
-      from_planar(dstrip.data(), P, dxp + at, C, cw);
+      from_planar(dstrip.get(), P, dxp + at, C, cw);
     }
   });
 }
