@@ -18,8 +18,8 @@ to NCHW and back.
 
 Built with ``torch.utils.cpp_extension`` on first use into ``.cache/torch_extensions``
 (git-ignored; later imports load the cached library). float32 and float64 tensors only
-(NCHW or channels_last; other strides are copied to NCHW); other dtypes, or a failed build (no compiler), use the PyTorch path, the
-latter with a one-line notice.
+(NCHW or channels_last; other strides are copied to NCHW); other dtypes, or a failed build
+(no compiler), use the PyTorch path, the latter with a one-line notice.
 """
 from __future__ import annotations
 
