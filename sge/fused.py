@@ -336,10 +336,9 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
             if residual is not None:  # kept out of the kernels until a GPU can time that
                 y.add_(residual).relu_()
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
-        if fused_cpu.applies(z):
-            y, *stats = fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
-                                          bias, groups, keep, residual)
-            return _keep_format(y, z), *stats
+        if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
+            return fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
+                                     bias, groups, keep, residual)
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                            keep, residual)
 
@@ -366,10 +365,9 @@ def _fused_backward(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Optio
         # The forward's path (the Triton kernels kept no statistics).
         triton = fused_triton.applies(dy, weight.shape[1])
         if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
-            dz, dres, *grads = fused_cpu.backward(  # ReLU's backward included
+            return fused_cpu.backward(  # ReLU's backward included; gradients in dy's layout
                 dy, y, z, _bn(bn_weight, bn_bias, mean, var, bn_eps), bn_training, chat, sigma,
                 m, weight, bias)
-            return _keep_format(dz, dy), _keep_format(dres, dy), *grads
         dres = dy.new_empty(0)
         if y is not None:  # ReLU's backward; the add passes its gradient to both branches
             dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)

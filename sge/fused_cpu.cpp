@@ -293,14 +293,13 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
     Scratch<T> s(P, K);
     const std::unique_ptr<T[]> strip(new T[st.per * K * P]);  // not zero-filled
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
-      const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
-      to_planar(zp + at, C, strip.get(), P, (g1 - g0) * K);
-      for (int64_t g = g0; g < g1; ++g) {  // y in place of z in the strip
-        T* t = strip.get() + (g - g0) * K * P;
-        tile(t, t, nullptr, n * groups + g, s);
+      const Strip sp = st[task];
+      to_planar(zp + sp.at, C, strip.get(), P, sp.cw);
+      for (int64_t g = sp.g0; g < sp.g1; ++g) {  // y in place of z in the strip
+        T* t = strip.get() + (g - sp.g0) * K * P;
+        tile(t, t, nullptr, sp.n * groups + g, s);
       }
-      from_planar(strip.get(), P, yp + at, C, (g1 - g0) * K, rp ? rp + at : nullptr);
+      from_planar(strip.get(), P, yp + sp.at, C, sp.cw, rp ? rp + sp.at : nullptr);
     }
   });
 }
@@ -356,17 +355,16 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
     Scratch<T> s(P, K);
     const std::unique_ptr<T[]> dstrip(new T[st.per * K * P]), zstrip(new T[st.per * K * P]);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / st.count, g0 = (task % st.count) * st.per;
-      const int64_t g1 = std::min(groups, g0 + st.per), at = n * P * C + g0 * K;
-      const int64_t cw = (g1 - g0) * K;
-      to_planar(dyp + at, C, dstrip.get(), P, cw, yop ? yop + at : nullptr,
-                yop ? drp + at : nullptr);
-      to_planar(zp + at, C, zstrip.get(), P, cw);
-      for (int64_t g = g0; g < g1; ++g) {
-        T* d = dstrip.get() + (g - g0) * K * P;
-        tile(d, nullptr, nullptr, zstrip.get() + (g - g0) * K * P, d, n * groups + g, s);
+      const Strip sp = st[task];
+      to_planar(dyp + sp.at, C, dstrip.get(), P, sp.cw, yop ? yop + sp.at : nullptr,
+                yop ? drp + sp.at : nullptr);
+      to_planar(zp + sp.at, C, zstrip.get(), P, sp.cw);
+      for (int64_t g = sp.g0; g < sp.g1; ++g) {
+        const int64_t off = (g - sp.g0) * K * P;
+        T* d = dstrip.get() + off;
+        tile(d, nullptr, nullptr, zstrip.get() + off, d, sp.n * groups + g, s);
       }
-      from_planar(dstrip.get(), P, dxp + at, C, cw);
+      from_planar(dstrip.get(), P, dxp + sp.at, C, sp.cw);
     }
   });
 }

@@ -101,10 +101,10 @@ def _bn_args(bn) -> tuple:
 
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
             residual=None):
-    """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (contiguous NCHW ``y``; empty
-    statistics without ``keep``), ``bn = (mean, var, bn_weight, bn_bias, eps)`` the BN the
-    kernel applies first (weight and bias may be None) or None. With a ``residual``,
-    ``y = relu(SGE(x) + residual)``, added as each tile is written."""
+    """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (``y`` in ``z``'s layout, NCHW
+    or channels_last; empty statistics without ``keep``), ``bn = (mean, var, bn_weight,
+    bn_bias, eps)`` the BN the kernel applies first (weight and bias may be None) or None.
+    With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written."""
     return _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS)
 
 
@@ -114,13 +114,14 @@ def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigm
     (``dz`` with respect to x without BN). ``y`` is forward's output when it had a residual
     (ReLU's backward is done here too; ``dresidual`` is empty otherwise). BN's backward runs
     in the same sweep (its per-channel sums of dx and dx * z), then its input gradient goes
-    into dx in place; BN's gradients are empty without its parameters."""
+    into dx in place; BN's gradients are empty without its parameters. The map gradients
+    have ``dy``'s layout (NCHW or channels_last)."""
     return _ops().backward(dy, y, z, *_bn_args(bn), bn_training, chat, sigma, m, weight, bias,
                            EPS)
 
 
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):
-    """BatchNorm's batch statistics of ``z`` (contiguous NCHW): per channel mean and biased
-    variance, in ``z``'s dtype; the running ones, when given, are updated as BatchNorm2d
+    """BatchNorm's batch statistics of ``z`` (NCHW or channels_last): per channel mean and
+    biased variance, in ``z``'s dtype; the running ones, when given, are updated as BatchNorm2d
     does (``momentum``, the running variance unbiased)."""
     return _ops().batch_stats(z, running_mean, running_var, momentum)

@@ -150,8 +150,17 @@ void from_planar(const T* src, int64_t P, T* dst, int64_t ld, int64_t cw,
 // are read in order. Narrower only so that every thread gets two tasks (small batches), then
 // in multiples of `unit` groups, so that a strip is whole 64-byte lines where the group
 // size allows.
+struct Strip {
+  int64_t n, g0, g1, at, cw;  // sample, groups [g0, g1), first element in the map, channels
+};
+
 struct Strips {
-  int64_t per, count;
+  int64_t per, count, groups, K, P;
+  // Task t of N * count (sample-major) in a channels_last map of groups * K channels.
+  Strip operator[](int64_t t) const {
+    const int64_t n = t / count, g0 = (t % count) * per, g1 = std::min(groups, g0 + per);
+    return {n, g0, g1, n * P * groups * K + g0 * K, (g1 - g0) * K};
+  }
 };
 
 Strips strips_of(int64_t N, int64_t P, int64_t K, int64_t groups, int64_t elem) {
@@ -161,7 +170,7 @@ Strips strips_of(int64_t N, int64_t P, int64_t K, int64_t groups, int64_t elem) 
   const int64_t want = (2 * at::get_num_threads() + N - 1) / N;  // strips per sample
   per = std::min(per, round_up((groups + want - 1) / want));
   per = std::min(per, groups);
-  return {per, (groups + per - 1) / per};
+  return {per, (groups + per - 1) / per, groups, K, P};
 }
 
 }  // namespace
