@@ -3,9 +3,9 @@
 //
 // The CPU counterpart of sge/fused_triton.py: one task per (sample, group) pair works on the
 // group's C/G x H*W tile (contiguous in NCHW, at most a few hundred KB, so it stays in the
-// core's L2 while the passes over it run). channels_last maps are taken as they are, in
-// strips transposed to that planar layout in cache (sge/fused_cpu_layout.h). Statistics are
-// computed in the input's type (float or double), like the Triton kernels and the reference.
+// core's L2 while the passes over it run). channels_last maps are taken as they are and
+// worked on by rows of channels, one task per sample (forward_rows, backward_rows; the row
+// helpers are sge/fused_cpu_layout.h's). Statistics are computed in the input's type (float or double), like the Triton kernels and the reference.
 // Formulas: the module docstring of sge/fused.py. The ops allocate their outputs in their
 // input's layout.
 #include <ATen/Dispatch.h>
@@ -20,7 +20,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -256,6 +255,216 @@ void backward_tile(const T* dyt, const T* yo, T* dr, const T* zt, T* dxt, int64_
   }
 }
 
+// Per-channel (or per-group) sums down the rows of a channels_last map: float sums of
+// thousands of rows, so each block of 64 rows is summed apart and then added to the total.
+template <typename T>
+struct ColumnSums {
+  std::vector<T> total, part;
+  explicit ColumnSums(int64_t n) : total(n, T(0)), part(n, T(0)) {}
+  T* row() { return part.data(); }
+  // After row p of P: every 64 rows, and after the last, the block joins the total.
+  void done(int64_t p, int64_t P) {
+    if ((p + 1) % 64 != 0 && p + 1 != P) return;
+    for (size_t i = 0; i < total.size(); ++i) total[i] += part[i], part[i] = T(0);
+  }
+};
+
+// BN's scale and shift for channels [ch0, ch0 + cw): vectors that the row loops index.
+template <typename T>
+std::pair<std::vector<T>, std::vector<T>> affine_rows(const Affine<T>& bn, int64_t ch0,
+                                                      int64_t cw) {
+  std::vector<T> a(cw), b(cw);
+  for (int64_t k = 0; k < cw; ++k) a[k] = bn.a(ch0 + k), b[k] = bn.b(ch0 + k);
+  return {a, b};
+}
+
+// forward_tile on a channels_last map, without transposing it: one sample's groups
+// [g0, g0 + gw), its rows (positions) of C channels, of which this task's are cw = gw K
+// from ch0 (z, y, r point at the first). Along the rows: the channel means (column sums),
+// then per position the group sums of g_k a_k (z_k - mean(z_k)) (group_sums), then the
+// statistics per group down the positions, and the gate expanded back to the channels. The
+// per-(position, group) values are kept by row, G K times smaller than the map.
+template <typename T>
+void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
+                  int64_t ch0, const Affine<T>& bn, const T* gamma, const T* beta, T eps,
+                  T* chat, T* sigma, T* m) {
+  const int64_t cw = gw * K;
+  const T dof = T(std::max<int64_t>(P - 1, 1));
+  const auto [a, b] = affine_rows(bn, ch0, cw);
+  std::vector<T> w(cw), row(cw), t(P * gw), mean(gw), inv(gw);
+  ColumnSums<T> zs(cw);
+  for (int64_t p = 0; p < P; ++p) {
+    const T* zr = z + p * C;
+    T* acc = zs.row();
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) acc[k] += zr[k];
+    zs.done(p, P);
+  }
+  T* zm = zs.total.data();
+  for (int64_t k = 0; k < cw; ++k) {
+    zm[k] /= T(P);
+    const T mk = a[k] * zm[k] + b[k];
+    w[k] = mk * a[k];
+    if (m) m[k] = mk;
+  }
+  ColumnSums<T> ts(gw);
+  for (int64_t p = 0; p < P; ++p) {
+    const T* zr = z + p * C;
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) row[k] = w[k] * (zr[k] - zm[k]);
+    T* tr = t.data() + p * gw;
+    group_sums(row.data(), tr, gw, K);
+    T* acc = ts.row();
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) acc[g] += tr[g];
+    ts.done(p, P);
+  }
+  for (int64_t g = 0; g < gw; ++g) mean[g] = ts.total[g] / T(P);
+  ColumnSums<T> sq(gw);
+  for (int64_t p = 0; p < P; ++p) {
+    T* tr = t.data() + p * gw;
+    T* acc = sq.row();
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) {
+      tr[g] -= mean[g];
+      acc[g] += tr[g] * tr[g];
+    }
+    sq.done(p, P);
+  }
+  for (int64_t g = 0; g < gw; ++g) {
+    const T sd = std::sqrt(sq.total[g] / dof);  // unbiased; 0 at H*W == 1, so chat == 0
+    inv[g] = T(1) / (sd + eps);
+    if (sigma) sigma[g] = sd;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    T* tr = t.data() + p * gw;
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) tr[g] *= inv[g];
+  }
+  if (chat) to_planar(t.data(), gw, chat, P, gw);  // kept as (group, position)
+  for (int64_t p = 0; p < P; ++p) {
+    T* tr = t.data() + p * gw;
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * tr[g] + beta[g]);
+    expand(tr, row.data(), gw, K);
+    const T* zr = z + p * C;
+    T* yr = y + p * C;
+    if (r) {
+      const T* rr = r + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) {
+        yr[k] = std::max((zr[k] * a[k] + b[k]) * row[k] + rr[k], T(0));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) yr[k] = (zr[k] * a[k] + b[k]) * row[k];
+    }
+  }
+}
+
+// backward_tile on a channels_last map (layout as forward_rows'): chat comes as (group,
+// position) rows and is read by position; sd, gamma, beta, dw, db per group from g0; mk,
+// sum_dx, sum_dxz per channel from ch0. Three passes along the rows: ds = sum_k dy_k x_k per
+// position and group (ReLU's backward first with yo, writing dres); dm = mean_p(x_p dc_p)
+// per channel; dx. (Folding the second into the first, by sums that dc's per-group
+// coefficients multiply afterwards, measured slower: the first pass is the one that waits on
+// memory, and it grew.)
+template <typename T>
+void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P, int64_t C,
+                   int64_t K, int64_t gw, int64_t ch0, const Affine<T>& bn, const T* gamma,
+                   const T* beta, const T* sd, const T* chat, const T* mk, T eps, T* dw, T* db,
+                   T* sum_dx, T* sum_dxz) {
+  const int64_t cw = gw * K;
+  const T dof = T(std::max<int64_t>(P - 1, 1));
+  const auto [a, b] = affine_rows(bn, ch0, cw);
+  // Per (position, group): chat, the gate s, ds then da then dc.
+  std::vector<T> ct(P * gw), s(P * gw), d(P * gw), row(cw), ex(cw);
+  std::vector<T> coef(gw), f(gw), mean_da(gw);
+  from_planar(chat, P, ct.data(), gw, gw);
+  for (int64_t p = 0; p < P; ++p) {
+    const T* zr = z + p * C;
+    const T* dyr = dy + p * C;
+    if (yo) {  // as threshold_backward: 0 where yo <= 0
+      const T* yr = yo + p * C;
+      T* gr = dr + p * C;
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) {
+        const T v = yr[k] <= T(0) ? T(0) : dyr[k];
+        gr[k] = v;
+        row[k] = v * (zr[k] * a[k] + b[k]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) row[k] = dyr[k] * (zr[k] * a[k] + b[k]);
+    }
+    group_sums(row.data(), d.data() + p * gw, gw, K);
+  }
+  ColumnSums<T> da_sum(gw), da_chat(gw);
+  for (int64_t p = 0; p < P; ++p) {
+    T* dp = d.data() + p * gw;
+    T* sr = s.data() + p * gw;
+    const T* cr = ct.data() + p * gw;
+    T* acc = da_sum.row();
+    T* acc2 = da_chat.row();
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) {
+      sr[g] = sigmoid(gamma[g] * cr[g] + beta[g]);
+      const T v = dp[g] * sr[g] * (T(1) - sr[g]);
+      dp[g] = v;
+      acc[g] += v;
+      acc2[g] += v * cr[g];
+    }
+    da_sum.done(p, P);
+    da_chat.done(p, P);
+  }
+  for (int64_t g = 0; g < gw; ++g) {
+    dw[g] = da_chat.total[g];
+    db[g] = da_sum.total[g];
+    // sigma == 0 means chat == 0: the normalisation's term vanishes (no 0/0).
+    coef[g] = -(sd[g] + eps) * da_chat.total[g] / ((sd[g] > 0 ? sd[g] : T(1)) * dof);
+    f[g] = gamma[g] / (sd[g] + eps);
+    mean_da[g] = da_sum.total[g] / T(P);
+  }
+  ColumnSums<T> dm(cw);
+  for (int64_t p = 0; p < P; ++p) {
+    T* dp = d.data() + p * gw;
+    const T* cr = ct.data() + p * gw;
+#pragma omp simd
+    for (int64_t g = 0; g < gw; ++g) dp[g] = f[g] * (dp[g] - mean_da[g] + cr[g] * coef[g]);
+    expand(dp, ex.data(), gw, K);
+    const T* zr = z + p * C;
+    T* acc = dm.row();
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) acc[k] += (zr[k] * a[k] + b[k]) * ex[k];
+    dm.done(p, P);
+  }
+  for (int64_t k = 0; k < cw; ++k) dm.total[k] /= T(P);
+  const T* dmk = dm.total.data();
+  ColumnSums<T> sdx(cw), sdxz(cw);
+  for (int64_t p = 0; p < P; ++p) {
+    expand(s.data() + p * gw, row.data(), gw, K);
+    expand(d.data() + p * gw, ex.data(), gw, K);
+    const T* zr = z + p * C;
+    const T* gr = (yo ? dr : dy) + p * C;
+    T* xr = dx + p * C;
+    T* acc = sdx.row();
+    T* acc2 = sdxz.row();
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) {
+      const T v = gr[k] * row[k] + dmk[k] + mk[k] * ex[k];
+      xr[k] = v;
+      acc[k] += v;
+      acc2[k] += v * zr[k];
+    }
+    sdx.done(p, P);
+    sdxz.done(p, P);
+  }
+  if (sum_dx) {
+    std::copy(sdx.total.begin(), sdx.total.end(), sum_dx);
+    std::copy(sdxz.total.begin(), sdxz.total.end(), sum_dxz);
+  }
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& weight,
                   const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& y,
@@ -288,18 +497,14 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
     });
     return;
   }
-  const Strips st = strips_of(N, P, K, groups, sizeof(T));
+  const Strips st = strips_of(N, P, K, groups);
   at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s(P, K);
-    const std::unique_ptr<T[]> strip(new T[st.per * K * P]);  // not zero-filled
     for (int64_t task = begin; task < end; ++task) {
       const Strip sp = st[task];
-      to_planar(zp + sp.at, C, strip.get(), P, sp.cw);
-      for (int64_t g = sp.g0; g < sp.g1; ++g) {  // y in place of z in the strip
-        T* t = strip.get() + (g - sp.g0) * K * P;
-        tile(t, t, nullptr, sp.n * groups + g, s);
-      }
-      from_planar(strip.get(), P, yp + sp.at, C, sp.cw, rp ? rp + sp.at : nullptr);
+      const int64_t row = sp.n * groups + sp.g0;
+      forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
+                   sp.g0 * K, bn, wp + sp.g0, bp + sp.g0, eps, keep ? chatp + row * P : nullptr,
+                   keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr);
     }
   });
 }
@@ -348,23 +553,16 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
     });
     return;
   }
-  // ReLU's backward is done by the transpose of dy (which writes dres as it goes); dx is
-  // computed in place of dy in its strip.
-  const Strips st = strips_of(N, P, K, groups, sizeof(T));
+  const Strips st = strips_of(N, P, K, groups);
   at::parallel_for(0, N * st.count, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s(P, K);
-    const std::unique_ptr<T[]> dstrip(new T[st.per * K * P]), zstrip(new T[st.per * K * P]);
     for (int64_t task = begin; task < end; ++task) {
       const Strip sp = st[task];
-      to_planar(dyp + sp.at, C, dstrip.get(), P, sp.cw, yop ? yop + sp.at : nullptr,
-                yop ? drp + sp.at : nullptr);
-      to_planar(zp + sp.at, C, zstrip.get(), P, sp.cw);
-      for (int64_t g = sp.g0; g < sp.g1; ++g) {
-        const int64_t off = (g - sp.g0) * K * P;
-        T* d = dstrip.get() + off;
-        tile(d, nullptr, nullptr, zstrip.get() + off, d, sp.n * groups + g, s);
-      }
-      from_planar(dstrip.get(), P, dxp + sp.at, C, sp.cw);
+      const int64_t row = sp.n * groups + sp.g0, at = sp.n * C + sp.g0 * K;
+      backward_rows(dyp + sp.at, yop ? yop + sp.at : nullptr, yop ? drp + sp.at : nullptr,
+                    zp + sp.at, dxp + sp.at, P, C, K, sp.g1 - sp.g0, sp.g0 * K, bn,
+                    wp + sp.g0, bp + sp.g0, sigmap + row, chatp + row * P, mp + row * K, eps,
+                    dwp + row, dbp + row, sump ? sump + at : nullptr,
+                    sump ? sump + N * C + at : nullptr);
     }
   });
 }

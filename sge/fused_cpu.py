@@ -12,9 +12,9 @@ forward also does the block's add and ReLU, and the backward ReLU's backward, as
 is read. Each is one call from Python: BN's coefficients, the outputs' allocation and BN's
 backward are done in C++ too (the small ATen calls they took from Python cost ~0.15 ms per
 block per step, forward and backward, timed on tiny maps). channels_last maps (Inductor's
-layout for CPU convolutions) are taken and given back as they are: strips of them are
-transposed in cache for the tiles (``fused_cpu_layout.h``), where the op used to copy them
-to NCHW and back.
+layout for CPU convolutions) are taken and given back as they are, worked on by rows of
+channels (``fused_cpu_layout.h``): a first version copied them to NCHW and back, a second
+transposed strips of them for the tiles, at about twice the tile code's cost.
 
 Built with ``torch.utils.cpp_extension`` on first use into ``.cache/torch_extensions``
 (git-ignored; later imports load the cached library). float32 and float64 tensors only

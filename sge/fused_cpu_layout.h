@@ -1,14 +1,13 @@
 // Channels_last layout for the fused SGE's CPU kernels: sge/fused_cpu.py builds this file
 // and sge/fused_cpu.cpp as one unit, this one first.
 //
-// The kernels of sge/fused_cpu.cpp work on one (sample, group) tile at a time, its K channel
-// rows of P positions contiguous, as in NCHW. A channels_last map (what Inductor gives CPU
-// convolutions, and eager models in that format) is worked on in strips: one sample's P x cw
-// block of whole groups, transposed into a planar scratch (in cache: L2 or L3) that the tiles
-// read, then transposed back on the way out, with the block's residual add and ReLU. The
-// transposes are 8 x 8 blocks, in AVX2 registers for float (element by element for double
-// or without AVX2). They replace the layout copies around the op: Inductor's under
-// torch.compile, ATen's (about 7 GB/s here) in eager mode.
+// A channels_last map (what Inductor gives CPU convolutions, and eager models in that
+// format) is worked on as it is stored, by rows: one position's C channels. Along a row the
+// kernels need each group's sum of its K channels (group_sums) and a per-group value for
+// each of its channels (expand); down the rows, per-channel sums. The per-(position, group)
+// statistics are kept by row while a sample is worked on, and transposed (8 x 8 blocks, in
+// AVX2 registers for float) to and from the (group, position) layout that the op keeps for
+// the backward, as NCHW maps and the other paths do.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,36 +20,21 @@
 
 namespace {
 
-// to_planar: dst[k * P + p] = src[p * ld + k] (p < P, k < cw). With a mask (src's layout):
-// src where mask > 0 or NaN, else 0 (ReLU's backward), also written to masked.
-// from_planar: dst[p * ld + k] = src[k * P + p]; with res (dst's layout) relu(src + res).
+// to_planar: dst[k * P + p] = src[p * ld + k] (p < P, k < cw).
+// from_planar: dst[p * ld + k] = src[k * P + p].
+// Their 8 x 8 blocks (8 positions x 8 channels): element by element for any T, in AVX2
+// registers for float (below).
 template <typename T>
-inline T masked_value(const T* src, const T* mask, T* masked, int64_t i) {
-  if (!mask) return src[i];
-  const T v = mask[i] <= T(0) ? T(0) : src[i];
-  masked[i] = v;
-  return v;
-}
-
-template <typename T>
-inline T tail_value(T v, const T* res, int64_t i) {
-  return res ? std::max(v + res[i], T(0)) : v;
-}
-
-// The 8 x 8 blocks (8 positions x 8 channels) of to_planar / from_planar: element by
-// element for any T, in AVX2 registers for float (below).
-template <typename T>
-inline void to_planar_block(const T* src, int64_t ld, T* dst, int64_t P, const T* mask,
-                            T* masked) {
+inline void to_planar_block(const T* src, int64_t ld, T* dst, int64_t P) {
   for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) dst[j * P + i] = masked_value(src, mask, masked, i * ld + j);
+    for (int j = 0; j < 8; ++j) dst[j * P + i] = src[i * ld + j];
   }
 }
 
 template <typename T>
-inline void from_planar_block(const T* src, int64_t P, T* dst, int64_t ld, const T* res) {
+inline void from_planar_block(const T* src, int64_t P, T* dst, int64_t ld) {
   for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) dst[i * ld + j] = tail_value(src[j * P + i], res, i * ld + j);
+    for (int j = 0; j < 8; ++j) dst[i * ld + j] = src[j * P + i];
   }
 }
 
@@ -74,41 +58,24 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-inline void to_planar_block(const float* src, int64_t ld, float* dst, int64_t P,
-                            const float* mask, float* masked) {
+inline void to_planar_block(const float* src, int64_t ld, float* dst, int64_t P) {
   __m256 r[8];
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm256_loadu_ps(src + i * ld);
-    if (mask) {  // not (mask <= 0), unordered: a NaN mask keeps the value
-      const __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(mask + i * ld), _mm256_setzero_ps(),
-                                        _CMP_NLE_UQ);
-      r[i] = _mm256_and_ps(r[i], keep);
-      _mm256_storeu_ps(masked + i * ld, r[i]);
-    }
-  }
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
   transpose8(r);
   for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * P, r[j]);
 }
 
-inline void from_planar_block(const float* src, int64_t P, float* dst, int64_t ld,
-                              const float* res) {
+inline void from_planar_block(const float* src, int64_t P, float* dst, int64_t ld) {
   __m256 r[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * P);
   transpose8(r);
-  for (int j = 0; j < 8; ++j) {
-    if (res) {  // max(0, v) returns v when v is NaN, as std::max(v, 0) and torch.relu
-      r[j] = _mm256_max_ps(_mm256_setzero_ps(),
-                           _mm256_add_ps(r[j], _mm256_loadu_ps(res + j * ld)));
-    }
-    _mm256_storeu_ps(dst + j * ld, r[j]);
-  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ld, r[j]);
 }
 #endif
 
 // Calls block(p0, k0) for every whole 8 x 8 block of a P x cw map, one(p, k) for the rest.
-// Always inlined: as a call, the transposes measured up to 1.4x slower.
 template <typename Block, typename One>
-__attribute__((always_inline)) inline void by_blocks(int64_t P, int64_t cw, Block block, One one) {
+inline void by_blocks(int64_t P, int64_t cw, Block block, One one) {
   const int64_t P8 = P / 8 * 8, C8 = cw / 8 * 8;
   for (int64_t p0 = 0; p0 < P8; p0 += 8) {
     for (int64_t k0 = 0; k0 < C8; k0 += 8) block(p0, k0);
@@ -119,37 +86,97 @@ __attribute__((always_inline)) inline void by_blocks(int64_t P, int64_t cw, Bloc
 }
 
 template <typename T>
-void to_planar(const T* src, int64_t ld, T* dst, int64_t P, int64_t cw,
-               const T* mask = nullptr, T* masked = nullptr) {
+void to_planar(const T* src, int64_t ld, T* dst, int64_t P, int64_t cw) {
   by_blocks(
       P, cw,
       [&](int64_t p0, int64_t k0) {
-        const int64_t at = p0 * ld + k0;
-        to_planar_block(src + at, ld, dst + k0 * P + p0, P, mask ? mask + at : nullptr,
-                        masked ? masked + at : nullptr);
+        to_planar_block(src + p0 * ld + k0, ld, dst + k0 * P + p0, P);
       },
-      [&](int64_t p, int64_t k) { dst[k * P + p] = masked_value(src, mask, masked, p * ld + k); });
+      [&](int64_t p, int64_t k) { dst[k * P + p] = src[p * ld + k]; });
 }
 
 template <typename T>
-void from_planar(const T* src, int64_t P, T* dst, int64_t ld, int64_t cw,
-                 const T* res = nullptr) {
+void from_planar(const T* src, int64_t P, T* dst, int64_t ld, int64_t cw) {
   by_blocks(
       P, cw,
       [&](int64_t p0, int64_t k0) {
-        const int64_t at = p0 * ld + k0;
-        from_planar_block(src + k0 * P + p0, P, dst + at, ld, res ? res + at : nullptr);
+        from_planar_block(src + k0 * P + p0, P, dst + p0 * ld + k0, ld);
       },
-      [&](int64_t p, int64_t k) { dst[p * ld + k] = tail_value(src[k * P + p], res, p * ld + k); });
+      [&](int64_t p, int64_t k) { dst[p * ld + k] = src[k * P + p]; });
 }
 
-// How a channels_last map is cut into strips: groups per strip and strips per sample. Wide:
-// up to 4 MB, a whole sample of every ResNet-50 stage at 224 px. Narrow strips (256 KB, to
-// stay in L2) read a line or two of every row of C channels from memory and measured 1.5x
-// slower forward at the first stage (batch 16, 224 px: 10.3 ms against 6.9 ms); whole rows
-// are read in order. Narrower only so that every thread gets two tasks (small batches), then
-// in multiples of `unit` groups, so that a strip is whole 64-byte lines where the group
-// size allows.
+// The per-row helpers of the channels_last kernels: a row is one position's channels.
+// group_sums: out[g] = sum of src[g K .. g K + K) (g < G), the sums over each group's channels.
+// expand: dst[c] = src[c / K] (c < G K), a per-group value for each of its channels.
+template <typename T>
+inline void group_sums(const T* src, T* out, int64_t G, int64_t K) {
+  for (int64_t g = 0; g < G; ++g) {
+    T s = 0;
+    for (int64_t k = 0; k < K; ++k) s += src[g * K + k];
+    out[g] = s;
+  }
+}
+
+template <typename T>
+inline void expand(const T* src, T* dst, int64_t G, int64_t K) {
+  for (int64_t g = 0; g < G; ++g) std::fill(dst + g * K, dst + (g + 1) * K, src[g]);
+}
+
+#if defined(__AVX2__)
+// Groups of 4 channels (ResNet-50's first stage at 64 groups): two groups per vector, summed
+// by three horizontal adds per 8 groups; multiples of 8: vectors added, then 4 groups' sums
+// by two horizontal adds. Other sizes, and what is left over, element by element.
+inline void group_sums(const float* src, float* out, int64_t G, int64_t K) {
+  int64_t g = 0;
+  if (K == 4) {
+    // hadd(hadd(v0, v1), hadd(v2, v3)) holds groups 0 2 4 6 | 1 3 5 7.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; g + 8 <= G; g += 8) {
+      const float* s = src + g * 4;
+      const __m256 h01 = _mm256_hadd_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8));
+      const __m256 h23 = _mm256_hadd_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24));
+      _mm256_storeu_ps(out + g, _mm256_permutevar8x32_ps(_mm256_hadd_ps(h01, h23), order));
+    }
+  } else if (K % 8 == 0) {
+    for (; g + 4 <= G; g += 4) {
+      __m256 acc[4];
+      for (int j = 0; j < 4; ++j) {
+        const float* s = src + (g + j) * K;
+        acc[j] = _mm256_loadu_ps(s);
+        for (int64_t k = 8; k < K; k += 8) acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(s + k));
+      }
+      // Lanes: the low and high halves of groups 0..3.
+      const __m256 q = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]),
+                                      _mm256_hadd_ps(acc[2], acc[3]));
+      _mm_storeu_ps(out + g, _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+    }
+  }
+  group_sums<float>(src + g * K, out + g, G - g, K);
+}
+
+inline void expand(const float* src, float* dst, int64_t G, int64_t K) {
+  int64_t g = 0;
+  if (K == 4) {
+    const __m256i pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    for (; g + 2 <= G; g += 2) {
+      const __m128 two = _mm_castsi128_ps(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + g)));
+      _mm256_storeu_ps(dst + g * 4, _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), pairs));
+    }
+  } else if (K % 8 == 0) {
+    for (; g < G; ++g) {
+      const __m256 v = _mm256_set1_ps(src[g]);
+      for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + g * K + k, v);
+    }
+  }
+  expand<float>(src + g, dst + g * K, G - g, K);
+}
+#endif
+
+// How a channels_last map is cut into tasks: a sample's groups [g0, g1), whole samples
+// unless every thread would get fewer than two tasks (small batches); then in multiples of
+// `unit` groups, so that a task's share of a row is whole 64-byte lines where the group size
+// allows.
 struct Strip {
   int64_t n, g0, g1, at, cw;  // sample, groups [g0, g1), first element in the map, channels
 };
@@ -163,13 +190,10 @@ struct Strips {
   }
 };
 
-Strips strips_of(int64_t N, int64_t P, int64_t K, int64_t groups, int64_t elem) {
+Strips strips_of(int64_t N, int64_t P, int64_t K, int64_t groups) {
   const int64_t unit = std::min<int64_t>(groups, 16 / std::gcd<int64_t>(K, 16));
-  auto round_up = [&](int64_t v) { return (v + unit - 1) / unit * unit; };
-  int64_t per = std::max(unit, (4 << 20) / std::max<int64_t>(1, K * P * elem) / unit * unit);
   const int64_t want = (2 * at::get_num_threads() + N - 1) / N;  // strips per sample
-  per = std::min(per, round_up((groups + want - 1) / want));
-  per = std::min(per, groups);
+  const int64_t per = std::min(groups, ((groups + want - 1) / want + unit - 1) / unit * unit);
   return {per, (groups + per - 1) / per, groups, K, P};
 }
 

@@ -163,13 +163,23 @@ def test_residual_tail_matches_reference(shape, dtype, training, channels_last, 
     _check_tail(shape, dtype, training, 1 if HAS_COMPILER else 0, calls, channels_last)
 
 
+@pytest.fixture
+def four_threads():
+    """More threads than samples: the channels_last kernels cut each sample into strips."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", [(2, 64, 40, 40, 16), (2, 96, 40, 33, 32)])
-def test_channels_last_strips(shape, calls):
-    # Larger maps: a channels_last sample is cut into several strips of whole groups (here
-    # 4 channels per group: two of 32 channels; 3 per group: two of 48, not a whole number
-    # of 8-float blocks, and 1320 positions, not a multiple of 8). float64: equal to the
-    # reference; float32: within rounding of the float64 result (BN's sums here run over
-    # thousands of values, so elementwise rtol 1e-4 is too tight for either implementation).
+def test_channels_last_strips(shape, calls, four_threads):
+    # Larger maps, and a small batch for the threads: a channels_last sample is cut into
+    # strips of whole groups, one task each (here 4 channels per group: strips of 16
+    # channels; 3 per group: of 48, not a whole number of 8-float vectors), and 1320
+    # positions. float64: equal to the reference; float32: within rounding of the float64
+    # result (BN's sums here run over thousands of values, so elementwise rtol 1e-4 is too
+    # tight for either implementation).
     _check_tail(shape, torch.float64, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
     n, c, h, w, g = shape
     _, _, x, dy = _layer_case(shape, torch.float64, True)
@@ -183,6 +193,16 @@ def test_channels_last_strips(shape, calls):
     got = _tail_results(pair32, *(t.float() for t in args), fused=True)
     for a, b in zip(got, truth):
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+# Channels per group K: the channels_last kernels sum and expand groups of 4 and of
+# multiples of 8 in vector registers, 8 or 4 groups at a time, the rest one by one: K = 4
+# with 10 groups (8 + 2), 8 with 9 (4 x 2 + 1), 16 with 4, 32 with 5, and 5 and 2 (none).
+@pytest.mark.parametrize("shape", [(2, 40, 6, 5, 10), (3, 72, 4, 5, 9), (2, 64, 5, 3, 4),
+                                   (2, 160, 3, 3, 5), (2, 15, 4, 4, 3), (2, 12, 3, 5, 6)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_group_sizes(shape, dtype, calls):
+    _check_tail(shape, dtype, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
