@@ -433,6 +433,26 @@ class DeferredBatchNorm2d(nn.BatchNorm2d):
         return x
 
 
+@torch.library.custom_op("sge::batch_stats", mutates_args=(), tags=_LAYOUT)
+def _compiled_batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """BN's batch mean and biased variance of a float CPU map per channel, one opaque op under
+    torch.compile: the C++ kernel's (on channels_last maps, timed alone, 2.96 ms against
+    7.64 for Inductor's var_mean over ResNet-50's 16 gated BN inputs at batch 8, 112 px, one
+    thread), kept for the backward as it is (Inductor recomputed var_mean from z there for
+    some blocks). The compiled step took 0.9925x its time with var_mean (one process, one
+    thread, alternating)."""
+    if (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)) \
+            and fused_cpu.applies(z):
+        return fused_cpu.batch_stats(z)
+    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    return mean, var
+
+
+@_compiled_batch_stats.register_fake
+def _(z):
+    return z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
+
+
 def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
     """``(mean, var)`` (biased) that ``norm(z)`` would use, updating running statistics as
     ``nn.BatchNorm2d.forward`` does (once per call)."""
@@ -445,10 +465,11 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
         track = norm.training and norm.track_running_stats
         count = z.numel() // z.shape[1]
         if torch.compiler.is_compiling() and count > 1:
-            # Inductor's own reduction, fused with the pass that reads z before the op (ATen's
-            # batch_norm_update_stats stays an opaque call: one more pass over z).
-            var, mean = torch.var_mean(z.detach().to(_compute_dtype(z.dtype)), (0, 2, 3),
-                                       correction=0)
+            if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+                mean, var = _compiled_batch_stats(z.detach())
+            else:  # Inductor's own reduction, fused with the cast to the compute dtype
+                var, mean = torch.var_mean(z.detach().to(_compute_dtype(z.dtype)), (0, 2, 3),
+                                           correction=0)
             if track:  # the running variance is unbiased
                 norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
                 norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))

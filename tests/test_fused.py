@@ -245,6 +245,8 @@ def _compiled_matches_reference(x, **compile_kwargs):
     assert_close(out, out_ref)
     for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
         assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(ref.named_buffers(), fused.buffers()):  # BN's running statistics
+        assert_close(c, b, msg=name)
 
 
 def test_traces_as_one_graph():
@@ -260,18 +262,25 @@ def test_inductor_compiles_the_model(monkeypatch, tmp_path):
     # CPU convolutions out channels_last: the ops still get and return the strides they
     # promise.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no stale cached graph
-    seen = []
+    seen, stats = [], []
     if fused_cpu.applies(torch.zeros(1, 1, 1, 1)):
-        real = fused_cpu.forward
+        real, real_stats = fused_cpu.forward, fused_cpu.batch_stats
 
         def spy(z, *args):
             seen.append((z.is_contiguous(memory_format=torch.channels_last), args[-1] is not None))
             return real(z, *args)
+
+        def stats_spy(z, *args):
+            stats.append(z.is_contiguous(memory_format=torch.channels_last))
+            return real_stats(z, *args)
         monkeypatch.setattr(fused_cpu, "forward", spy)
+        monkeypatch.setattr(fused_cpu, "batch_stats", stats_spy)
     _compiled_matches_reference(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     # With the C++ kernels, every block's op got Inductor's channels_last maps as they are
-    # (no copies to NCHW around it) and did the block's residual add and ReLU.
+    # (no copies to NCHW around it) and did the block's residual add and ReLU; BN's batch
+    # statistics were the kernel's too (sge::batch_stats, saved for the backward).
     assert seen == [] or seen == [(True, True)] * 8
+    assert stats == [True] * len(seen)
 
 
 def test_inductor_compiles_the_residual_tail(monkeypatch, tmp_path):
