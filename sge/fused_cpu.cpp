@@ -283,7 +283,7 @@ std::pair<std::vector<T>, std::vector<T>> affine_rows(const Affine<T>& bn, int64
 // from ch0 (z, y, r point at the first). Along the rows: the channel means (column sums),
 // then per position the group sums of g_k a_k (z_k - mean(z_k)) (group_sums), then the
 // statistics per group down the positions, and the gate expanded back to the channels. The
-// per-(position, group) values are kept by row, G K times smaller than the map.
+// per-(position, group) values are kept by row (P x gw, K times smaller than the task's map).
 template <typename T>
 void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
                   int64_t ch0, const Affine<T>& bn, const T* gamma, const T* beta, T eps,
