@@ -5,7 +5,8 @@
 // group's C/G x H*W tile (contiguous in NCHW, at most a few hundred KB, so it stays in the
 // core's L2 while the passes over it run). channels_last maps are taken as they are and
 // worked on by rows of channels, one task per sample (forward_rows, backward_rows; the row
-// helpers are sge/fused_cpu_layout.h's). Statistics are computed in the input's type (float or double), like the Triton kernels and the reference.
+// helpers are sge/fused_cpu_layout.h's). Statistics are computed in the input's type
+// (float or double), like the Triton kernels and the reference.
 // Formulas: the module docstring of sge/fused.py. The ops allocate their outputs in their
 // input's layout.
 #include <ATen/Dispatch.h>

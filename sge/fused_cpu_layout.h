@@ -178,7 +178,7 @@ inline void expand(const float* src, float* dst, int64_t G, int64_t K) {
 // `unit` groups, so that a task's share of a row is whole 64-byte lines where the group size
 // allows.
 struct Strip {
-  int64_t n, g0, g1, at, cw;  // sample, groups [g0, g1), first element in the map, channels
+  int64_t n, g0, g1, at;  // sample, groups [g0, g1), first element in the map
 };
 
 struct Strips {
@@ -186,7 +186,7 @@ struct Strips {
   // Task t of N * count (sample-major) in a channels_last map of groups * K channels.
   Strip operator[](int64_t t) const {
     const int64_t n = t / count, g0 = (t % count) * per, g1 = std::min(groups, g0 + per);
-    return {n, g0, g1, n * P * groups * K + g0 * K, (g1 - g0) * K};
+    return {n, g0, g1, n * P * groups * K + g0 * K};
   }
 };
 
