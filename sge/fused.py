@@ -67,12 +67,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _keep_format(out: Tensor, like: Tensor) -> Tensor:
-    """Give ``out`` (contiguous) the channels_last format when ``like`` has it (an empty
-    placeholder output stays as it is)."""
-    if out.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-            memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
+    """``out`` in ``like``'s format: channels_last when ``like`` is stored so, else NCHW
+    (what the ops' fakes promise, ``empty_like``). ``out`` may come in either: ATen's
+    elementwise ops follow their first channels_last input, not ``like``. An empty placeholder
+    output stays as it is."""
+    if out.dim() != 4:
+        return out
+    cl = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def _affine(bn_weight, bn_bias, mean, var, eps, ct):

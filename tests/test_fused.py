@@ -304,6 +304,24 @@ def test_inductor_compiles_the_residual_tail(monkeypatch, tmp_path):
         assert_close(a, b)
 
 
+def test_inductor_compiles_under_cpu_autocast(monkeypatch, tmp_path):
+    # bf16 autocast under compile on CPU: half maps take the ops' PyTorch path, whose outputs
+    # must have the strides the fakes promise for every layout Inductor passes (at 64 px the
+    # head's average-pool backward gives the last stage an NCHW dy beside channels_last
+    # maps; the residual's gradient once came back channels_last there).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    ref, fused = _models(torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = ref(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(fused)(x)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+    assert (out.float() - expect).abs().max() <= 0.1 * expect.abs().max() + 0.05
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="groups=5"):
         FusedSpatialGroupEnhance(16, 5)
