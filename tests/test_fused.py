@@ -304,6 +304,15 @@ def test_inductor_compiles_the_residual_tail(monkeypatch, tmp_path):
         assert_close(a, b)
 
 
+def test_inductor_compiles_on_the_pytorch_path(monkeypatch, tmp_path):
+    # Without the C++ kernels (no compiler), the PyTorch path under compile: its outputs keep
+    # the strides the fakes promise for the layouts Inductor passes (64 px: an NCHW dy at the
+    # last stage beside channels_last maps).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fused_cpu, "ENABLED", False)
+    _compiled_matches_reference(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+
+
 def test_inductor_compiles_under_cpu_autocast(monkeypatch, tmp_path):
     # bf16 autocast under compile on CPU: half maps take the ops' PyTorch path, whose outputs
     # must have the strides the fakes promise for every layout Inductor passes (at 64 px the
