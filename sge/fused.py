@@ -443,8 +443,7 @@ def _compiled_batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     thread), kept for the backward as it is (Inductor recomputed var_mean from z there for
     some blocks). The compiled step took 0.9925x its time with var_mean (one process, one
     thread, alternating)."""
-    if (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)) \
-            and fused_cpu.applies(z):
+    if fused_cpu.stats_apply(z):
         return fused_cpu.batch_stats(z)
     var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
     return mean, var
@@ -477,8 +476,7 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
                 norm.running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
         # Asked after is_compiling, so that tracing never enters fused_cpu.applies (its first
         # call builds or loads the kernels).
-        elif count > 1 and (z.is_contiguous() or z.is_contiguous(
-                memory_format=torch.channels_last)) and fused_cpu.applies(z):
+        elif count > 1 and fused_cpu.stats_apply(z):
             mean, var = fused_cpu.batch_stats(
                 z.detach(), norm.running_mean if track else None,
                 norm.running_var if track else None, momentum)

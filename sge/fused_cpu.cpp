@@ -121,9 +121,8 @@ struct Scratch {
   Scratch(int64_t P, int64_t K) : a(P), b(P), m(K), w(K), zm(K) {}
 };
 
-// One (sample, group) tile: K channel rows of P positions each, contiguous (an NCHW map's,
-// or a planar strip's of a channels_last one, below). y may be z (in place): each value is
-// read before it is written. chat, sigma, m: where to keep the statistics, or null.
+// One (sample, group) tile of an NCHW map: K channel rows of P positions each, contiguous.
+// chat, sigma, m: where to keep the statistics, or null.
 template <typename T>
 void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t ch0,
                   const Affine<T>& bn, T gamma, T beta, T eps, T* chat, T* sigma, T* m,
@@ -342,7 +341,7 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) tr[g] *= inv[g];
   }
-  if (chat) to_planar(t.data(), gw, chat, P, gw);  // kept as (group, position)
+  if (chat) transpose(t.data(), P, gw, gw, chat, P);  // kept as (group, position)
   for (int64_t p = 0; p < P; ++p) {
     T* tr = t.data() + p * gw;
 #pragma omp simd
@@ -381,7 +380,7 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
   // Per (position, group): chat, the gate s, ds then da then dc.
   std::vector<T> ct(P * gw), s(P * gw), d(P * gw), row(cw), ex(cw);
   std::vector<T> coef(gw), f(gw), mean_da(gw);
-  from_planar(chat, P, ct.data(), gw, gw);
+  transpose(chat, gw, P, P, ct.data(), gw);
   for (int64_t p = 0; p < P; ++p) {
     const T* zr = z + p * C;
     const T* dyr = dy + p * C;

@@ -91,6 +91,12 @@ def applies(z: Tensor) -> bool:
             and _ops() is not None)
 
 
+def stats_apply(z: Tensor) -> bool:
+    """Whether ``batch_stats`` takes ``z``: ``applies``, and stored NCHW or channels_last."""
+    return (z.is_contiguous() or z.is_contiguous(memory_format=torch.channels_last)) \
+        and applies(z)
+
+
 def _bn_args(bn) -> tuple:
     """``bn = (mean, var, bn_weight, bn_bias, eps)`` (or None) in the ops' argument order."""
     if bn is None:

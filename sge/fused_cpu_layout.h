@@ -20,21 +20,12 @@
 
 namespace {
 
-// to_planar: dst[k * P + p] = src[p * ld + k] (p < P, k < cw).
-// from_planar: dst[p * ld + k] = src[k * P + p].
-// Their 8 x 8 blocks (8 positions x 8 channels): element by element for any T, in AVX2
-// registers for float (below).
+// transpose: dst[c * ldd + r] = src[r * lds + c] (r < rows, c < cols), by 8 x 8 blocks:
+// element by element for any T, in AVX2 registers for float (below).
 template <typename T>
-inline void to_planar_block(const T* src, int64_t ld, T* dst, int64_t P) {
+inline void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd) {
   for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) dst[j * P + i] = src[i * ld + j];
-  }
-}
-
-template <typename T>
-inline void from_planar_block(const T* src, int64_t P, T* dst, int64_t ld) {
-  for (int i = 0; i < 8; ++i) {
-    for (int j = 0; j < 8; ++j) dst[i * ld + j] = src[j * P + i];
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
   }
 }
 
@@ -58,51 +49,25 @@ inline void transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-inline void to_planar_block(const float* src, int64_t ld, float* dst, int64_t P) {
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
   transpose8(r);
-  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * P, r[j]);
-}
-
-inline void from_planar_block(const float* src, int64_t P, float* dst, int64_t ld) {
-  __m256 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * P);
-  transpose8(r);
-  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ld, r[j]);
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ldd, r[j]);
 }
 #endif
 
-// Calls block(p0, k0) for every whole 8 x 8 block of a P x cw map, one(p, k) for the rest.
-template <typename Block, typename One>
-inline void by_blocks(int64_t P, int64_t cw, Block block, One one) {
-  const int64_t P8 = P / 8 * 8, C8 = cw / 8 * 8;
-  for (int64_t p0 = 0; p0 < P8; p0 += 8) {
-    for (int64_t k0 = 0; k0 < C8; k0 += 8) block(p0, k0);
-  }
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t k = p < P8 ? C8 : 0; k < cw; ++k) one(p, k);
-  }
-}
-
 template <typename T>
-void to_planar(const T* src, int64_t ld, T* dst, int64_t P, int64_t cw) {
-  by_blocks(
-      P, cw,
-      [&](int64_t p0, int64_t k0) {
-        to_planar_block(src + p0 * ld + k0, ld, dst + k0 * P + p0, P);
-      },
-      [&](int64_t p, int64_t k) { dst[k * P + p] = src[p * ld + k]; });
-}
-
-template <typename T>
-void from_planar(const T* src, int64_t P, T* dst, int64_t ld, int64_t cw) {
-  by_blocks(
-      P, cw,
-      [&](int64_t p0, int64_t k0) {
-        from_planar_block(src + k0 * P + p0, P, dst + p0 * ld + k0, ld);
-      },
-      [&](int64_t p, int64_t k) { dst[p * ld + k] = src[k * P + p]; });
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  const int64_t R8 = rows / 8 * 8, C8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < R8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+      transpose_block(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // what the whole blocks left
+    for (int64_t c = r < R8 ? C8 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
 }
 
 // The per-row helpers of the channels_last kernels: a row is one position's channels.
