@@ -332,11 +332,9 @@ def _fused_forward(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
     # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual).
     with _no_autocast(z):
         # The kernels keep no statistics (their backward recomputes them); the fake agrees.
-        if fused_triton.applies(z, groups):
+        if fused_triton.applies(z, groups):  # the residual's add and ReLU included
             y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
-                                     bias, groups)
-            if residual is not None:  # kept out of the kernels until a GPU can time that
-                y.add_(residual).relu_()
+                                     bias, groups, residual)
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
             return fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
