@@ -255,6 +255,22 @@ def test_traces_as_one_graph():
                                 backend="aot_eager", fullgraph=True)
 
 
+def test_eager_calls_skip_the_custom_op_layer():
+    # Eager calls run the ops' code through an autograd.Function: the custom-op layer cost
+    # about as much CPU time per block as a late stage's GPU kernels. torch.compile still
+    # sees the opaque ops.
+    block = _bound(training=True)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert type(block.se(block.bn(x)).grad_fn).__name__ == "_EagerFusedBackward"
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+    torch.compile(lambda x: block.se(block.bn(x)), backend=backend, fullgraph=True)(x)
+    assert any("sge.fused_forward" in t for t in seen), seen
+
+
 def test_inductor_compiles_the_model(monkeypatch, tmp_path):
     # Whole-model Inductor, its CPU code generation included; float64, so that Inductor's
     # reordered sums stay far inside the tolerance (in float32 they move this tiny net's
