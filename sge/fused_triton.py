@@ -10,6 +10,12 @@ in registers, computes every statistic in float32 and writes the output once. No
 reads dy once, writes dx once and BN's per-sample channel sums, and two small kernels finish
 BN's backward. Same formula and derivation as the module docstring of ``sge/fused.py``.
 
+Channels_last maps with narrow groups (under 32 bytes of a group per position: ResNet-50's
+first two stages) take chunked kernels instead (``_narrow_block``): a program takes several
+whole groups of a sample, so its loads are whole sectors, and sweeps the positions in
+chunks, merging the statistics; it reads z three (forward) or four times (backward) instead
+of once, and was still 1.8-2x faster than the tile kernels at the first stage on an H100.
+
 The tile has to fit in registers: up to ``MAX_TILE`` elements after padding to powers of
 two, which covers ResNets at 224-256 px with G=64 (largest tile 4 x 56*56). Larger tiles,
 float64, and machines without Triton take the PyTorch path (with a one-line notice).
@@ -109,6 +115,33 @@ def _launch_args(z: Tensor, groups: int, elems_per_warp: int):
     return (n * groups,), dict(BLOCK_K=bk, BLOCK_P=bp, num_warps=1 << (warps.bit_length() - 1))
 
 
+# Narrow groups in channels_last maps: where a group's channels span fewer bytes per
+# position than this (ResNet-50's first two stages at G=64: 4 or 8 bf16 channels), a
+# program reading one group's tile reads a fraction of each 32-byte sector, and the tile
+# (4 x 3136 positions at 224 px) strains registers. The chunked kernels take whole
+# groups, NARROW_CHANNELS channels of a sample, so many positions at a time. On an H100
+# (bf16, batch 128, 256 x 56 x 56): forward 0.466 ms with 64 channels x 64 positions
+# (0.860 for the tile kernel), backward 1.103 ms with 64 x 128 (2.161); 32 channels or 32
+# positions were slower, and at 512 x 28 x 28 these choices were the best or within 0.01 ms.
+NARROW_BYTES = 32
+NARROW_CHANNELS = 64
+NARROW_FORWARD_POSITIONS = 64
+NARROW_BACKWARD_POSITIONS = 128
+
+
+def _narrow_block(z: Tensor, groups: int) -> int:
+    """Channels per program of the chunked kernels for the dense map ``z``, or 0 where the
+    tile kernels run (NCHW maps, wide groups, group sizes that are not powers of two)."""
+    n, c, h, w = z.shape
+    k = c // groups
+    if z.is_contiguous() or h * w < 2 or k & (k - 1) or k * z.element_size() >= NARROW_BYTES:
+        return 0
+    block = NARROW_CHANNELS
+    while block > k and c % block:
+        block //= 2
+    return block if block >= k and c % block == 0 else 0
+
+
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
             residual: Tensor | None = None) -> Tensor:
     """SGE's output for its input ``x = BN(z)`` with ``bn = (mean, var, bn_weight, bn_bias,
@@ -125,6 +158,14 @@ def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
     assert y.stride() == z.stride()
     res = z if residual is None else _dense(residual, like=z)
     bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
+    block, k = _narrow_block(z, groups), c // groups
+    if block:
+        _narrow_forward_kernel[(n * (c // block),)](
+            z, res, y, *bn_ptrs, weight, bias, c, h * w, *_strides(z), bn_eps, EPS,
+            float(max(h * w - 1, 1)), HAS_BN=has_bn, AFFINE=affine,
+            HAS_RES=residual is not None, BLOCK_K=k, GB=block // k,
+            BLOCK_Q=NARROW_FORWARD_POSITIONS, num_warps=4)
+        return y
     grid, meta = _launch_args(z, groups, 2048)
     _forward_kernel[grid](
         z, res, y, *bn_ptrs, weight, bias, groups, c // groups, h * w, *_strides(z), bn_eps,
@@ -159,10 +200,17 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     dparams = torch.empty((2, n, groups), **f32)
     bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
     sums = torch.empty((2, n, c) if has_bn else (0,), **f32)
-    grid, meta = _launch_args(z, groups, 2048 if dy.is_contiguous() else 1024)
-    _backward_kernel[grid](
-        dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, groups, k, p, *_strides(z), bn_eps,
-        EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, **meta)
+    block = _narrow_block(z, groups)
+    if block:
+        _narrow_backward_kernel[(n * (c // block),)](
+            dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, n, c, p, *_strides(z), bn_eps,
+            EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, BLOCK_K=k,
+            GB=block // k, BLOCK_Q=NARROW_BACKWARD_POSITIONS, num_warps=4)
+    else:
+        grid, meta = _launch_args(z, groups, 2048 if dy.is_contiguous() else 1024)
+        _backward_kernel[grid](
+            dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, groups, k, p, *_strides(z),
+            bn_eps, EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, **meta)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
     coef = torch.empty((4, c) if has_bn else (0,), **f32)  # rows (a, b, mean, d) per channel
     dbn = (torch.empty_like(bn[2]), torch.empty_like(bn[3])) if affine else (coef, coef)
@@ -196,29 +244,34 @@ if triton is not None:
         return offs, mask
 
     @triton.jit
-    def _load_z(z_ptr, offs, mask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, g, K, bn_eps,
-                BLOCK_K: tl.constexpr, HAS_BN: tl.constexpr, AFFINE: tl.constexpr):
-        """``(zc, scale, beta)``: the tile of zc = z - mean in float32, zero outside the
-        mask, and BN's per-channel scale and shift, so that SGE's input is
-        x = BN(z) = zc * scale + beta (zc = z, scale = 1, beta = 0 without BN). Same rounding
-        as ``sge.fused._affine``'s invstd: a correctly rounded square root, then a division.
-        x itself is never held as a tile: every use of it is a reduction or the output."""
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        beta = tl.zeros((BLOCK_K,), tl.float32)
+    def _bn_channels(ch, ok, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, bn_eps,
+                     HAS_BN: tl.constexpr, AFFINE: tl.constexpr):
+        """BN's ``(mean, scale, beta)`` for channels ``ch`` (where ``ok``), in float32:
+        x = BN(z) = (z - mean) * scale + beta; (0, 1, 0) without BN. Same rounding as
+        ``sge.fused._affine``'s invstd: a correctly rounded square root, then a division."""
+        zero = tl.zeros_like(ch).to(tl.float32)
+        mean, scale, beta = zero, zero + 1.0, zero
         if HAS_BN:
-            kk = tl.arange(0, BLOCK_K)
-            ch = g * K + kk
-            ok = kk < K
             mean = tl.load(mean_ptr + ch, mask=ok, other=0.0).to(tl.float32)
             var = tl.load(var_ptr + ch, mask=ok, other=1.0).to(tl.float32)
             scale = 1.0 / tl.sqrt_rn(var + bn_eps)
             if AFFINE:
                 scale = scale * tl.load(bnw_ptr + ch, mask=ok, other=0.0).to(tl.float32)
                 beta = tl.load(bnb_ptr + ch, mask=ok, other=0.0).to(tl.float32)
-            zc = tl.where(mask, z - mean[:, None], 0.0)
-        else:
-            zc, scale = z, tl.full((BLOCK_K,), 1.0, tl.float32)
-        return zc, scale, beta
+        return mean, scale, beta
+
+    @triton.jit
+    def _load_z(z_ptr, offs, mask, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, g, K, bn_eps,
+                BLOCK_K: tl.constexpr, HAS_BN: tl.constexpr, AFFINE: tl.constexpr):
+        """``(zc, scale, beta)``: the tile of zc = z - mean in float32, zero outside the
+        mask, and BN's per-channel scale and shift, so that SGE's input is
+        x = BN(z) = zc * scale + beta. x itself is never held as a tile: every use of it is
+        a reduction or the output."""
+        kk = tl.arange(0, BLOCK_K)
+        mean, scale, beta = _bn_channels(g * K + kk, kk < K, mean_ptr, var_ptr, bnw_ptr,
+                                         bnb_ptr, bn_eps, HAS_BN, AFFINE)
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, z - mean[:, None], 0.0), scale, beta
 
     @triton.jit
     def _statistics(zc, scale, beta, P, eps, dof, BLOCK_P: tl.constexpr):
@@ -342,6 +395,176 @@ if triton is not None:
             tl.store(coef_ptr + C + cc, b, mask=ok)
             tl.store(coef_ptr + 2 * C + cc, mean, mask=ok)
             tl.store(coef_ptr + 3 * C + cc, d, mask=ok)
+
+    # Narrow groups in channels_last maps (``_narrow_block``): a program takes GB whole
+    # groups (GB * K adjacent channels) of one sample and sweeps its positions in chunks of
+    # BLOCK_Q, so loads are whole sectors and no tile has to fit in registers. The sample's
+    # statistics take two sweeps; the forward writes in a third, the backward takes two more.
+
+    @triton.jit
+    def _chunk(z_ptr, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q: tl.constexpr):
+        """``(zc, offs, mask, on)``: zc = z - mean in float32 over channels ``cc`` and the
+        positions q0 .. q0 + BLOCK_Q (zero outside the map), their offsets and mask, and
+        which positions are in the map."""
+        pp = q0 + tl.arange(0, BLOCK_Q)
+        on = pp < P
+        offs = cc[:, None] * s_c + pp[None, :] * s_p
+        mask = (cc < C)[:, None] & on[None, :]
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, z - mean[:, None], 0.0), offs, mask, on
+
+    @triton.jit
+    def _by_group(t, GB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Each group's sum over its channels: (GB * BLOCK_K, BLOCK_Q) -> (GB, BLOCK_Q)."""
+        return tl.sum(tl.reshape(t, (GB, BLOCK_K, BLOCK_Q)), axis=1)
+
+    @triton.jit
+    def _per_channel(t, GB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Each group's row for each of its channels: (GB, BLOCK_Q) -> (GB * BLOCK_K,
+        BLOCK_Q)."""
+        return tl.reshape(tl.broadcast_to(t[:, None, :], (GB, BLOCK_K, BLOCK_Q)),
+                          (GB * BLOCK_K, BLOCK_Q))
+
+    @triton.jit
+    def _per_channel_1d(v, GB: tl.constexpr, BLOCK_K: tl.constexpr):
+        return tl.reshape(tl.broadcast_to(v[:, None], (GB, BLOCK_K)), (GB * BLOCK_K,))
+
+    @triton.jit
+    def _narrow_statistics(z_ptr, cc, C, P, s_c, s_p, mean, scale, beta, dof,
+                           GB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """``(m, zbar, w, cmean, sigma)`` of one sample's groups, in two sweeps: the channel
+        means m of x and zbar of zc, w = m * scale, and per group the mean and unbiased std
+        of c_p = <w, zc_p> (the tile kernels' c), merged over chunks as Chan et al. do, so
+        that no large sum of squares is subtracted."""
+        zsum = tl.zeros((GB * BLOCK_K,), tl.float32)
+        for q0 in range(0, P, BLOCK_Q):
+            zc, offs, mask, on = _chunk(z_ptr, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+            zsum += tl.sum(zc, axis=1)
+        zbar = zsum / P
+        m = zbar * scale + beta
+        w = m * scale
+        cmean = tl.zeros((GB,), tl.float32)
+        m2 = tl.zeros((GB,), tl.float32)
+        for q0 in range(0, P, BLOCK_Q):
+            zc, offs, mask, on = _chunk(z_ptr, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+            c = _by_group(zc * w[:, None], GB, BLOCK_K, BLOCK_Q)
+            seen = q0 * 1.0                    # positions merged so far (whole chunks)
+            count = tl.minimum(P - q0, BLOCK_Q) * 1.0
+            mu = tl.sum(c, axis=1) / count      # c is 0 past P
+            d = tl.where(on[None, :], c - mu[:, None], 0.0)
+            delta = mu - cmean
+            cmean += delta * (count / (seen + count))
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * count / (seen + count))
+        return m, zbar, w, cmean, tl.sqrt(m2 / dof)
+
+    @triton.jit
+    def _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """``(chat, s)`` of a chunk, (GB, BLOCK_Q) each; chat is 0 past the map."""
+        c = _by_group(zc * w[:, None], GB, BLOCK_K, BLOCK_Q)
+        chat = tl.where(on[None, :], (c - cmean[:, None]) / (sigma[:, None] + eps), 0.0)
+        return chat, tl.sigmoid(gamma[:, None] * chat + gbeta[:, None])
+
+    @triton.jit
+    def _narrow_forward_kernel(z_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                               w_ptr, b_ptr, C, P, s_n, s_c, s_p, bn_eps, eps, dof,
+                               HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                               HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+        blocks = C // (GB * BLOCK_K)
+        n = tl.program_id(0) // blocks
+        c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
+        sample = n.to(tl.int64) * s_n  # y and the residual have z's strides
+        cc = c0 + tl.arange(0, GB * BLOCK_K)
+        mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                                         bn_eps, HAS_BN, AFFINE)
+        m, zbar, w, cmean, sigma = _narrow_statistics(z_ptr + sample, cc, C, P, s_c, s_p,
+                                                      mean, scale, beta, dof, GB, BLOCK_K,
+                                                      BLOCK_Q)
+        gg = c0 // BLOCK_K + tl.arange(0, GB)
+        gamma = tl.load(w_ptr + gg).to(tl.float32)
+        gbeta = tl.load(b_ptr + gg).to(tl.float32)
+        for q0 in range(0, P, BLOCK_Q):
+            zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+            chat, gate = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
+                                      BLOCK_Q)
+            y = (zc * scale[:, None] + beta[:, None]) * _per_channel(gate, GB, BLOCK_K,
+                                                                      BLOCK_Q)
+            if HAS_RES:
+                y = y + tl.load(res_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
+                y = tl.maximum(y, 0.0)
+            tl.store(y_ptr + sample + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _narrow_backward_kernel(dy_ptr, z_ptr, dx_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                                w_ptr, b_ptr, dparams_ptr, sums_ptr, N, C, P, s_n, s_c, s_p,
+                                bn_eps, eps, dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                                BLOCK_K: tl.constexpr, GB: tl.constexpr,
+                                BLOCK_Q: tl.constexpr):
+        """``_backward_kernel``'s outputs, same layouts. The sweep after the statistics sums
+        da and da * chat per group, and per channel the products of zd = zc - zbar with da
+        and with chat: since sum_p dc_p = 0, sum_p zc_kp dc_p = sum_p zd_kp dc_p, which is
+        gamma / (sigma + eps) * (sum zd da + coef * sum zd chat). The last sweep writes dx
+        and BN's channel sums."""
+        blocks = C // (GB * BLOCK_K)
+        n = tl.program_id(0) // blocks
+        c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
+        sample = n.to(tl.int64) * s_n  # z, dy and dx share strides
+        cc = c0 + tl.arange(0, GB * BLOCK_K)
+        mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                                         bn_eps, HAS_BN, AFFINE)
+        m, zbar, w, cmean, sigma = _narrow_statistics(z_ptr + sample, cc, C, P, s_c, s_p,
+                                                      mean, scale, beta, dof, GB, BLOCK_K,
+                                                      BLOCK_Q)
+        gg = c0 // BLOCK_K + tl.arange(0, GB)
+        gamma = tl.load(w_ptr + gg).to(tl.float32)
+        gbeta = tl.load(b_ptr + gg).to(tl.float32)
+        da_sum = tl.zeros((GB,), tl.float32)
+        da_chat = tl.zeros((GB,), tl.float32)
+        zd_da = tl.zeros((GB * BLOCK_K,), tl.float32)
+        zd_chat = tl.zeros((GB * BLOCK_K,), tl.float32)
+        for q0 in range(0, P, BLOCK_Q):
+            zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+            dy = tl.load(dy_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            chat, s = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
+                                   BLOCK_Q)
+            ds = _by_group(dy * (zc * scale[:, None] + beta[:, None]), GB, BLOCK_K, BLOCK_Q)
+            da = ds * s * (1.0 - s)  # 0 past P: dy is
+            da_sum += tl.sum(da, axis=1)
+            da_chat += tl.sum(da * chat, axis=1)
+            zd = tl.where(mask, zc - zbar[:, None], 0.0)
+            zd_da += tl.sum(zd * _per_channel(da, GB, BLOCK_K, BLOCK_Q), axis=1)
+            zd_chat += tl.sum(zd * _per_channel(chat, GB, BLOCK_K, BLOCK_Q), axis=1)
+        rows = n * (C // BLOCK_K) + gg
+        tl.store(dparams_ptr + rows, da_chat)
+        tl.store(dparams_ptr + N * (C // BLOCK_K) + rows, da_sum)
+        # sigma == 0 means chat == 0: the normalisation's term vanishes (no 0/0).
+        coef = -(sigma + eps) * da_chat / (tl.where(sigma > 0, sigma, 1.0) * dof)
+        kappa = gamma / (sigma + eps)
+        dm = (_per_channel_1d(kappa, GB, BLOCK_K)
+              * (zd_da + _per_channel_1d(coef, GB, BLOCK_K) * zd_chat) * scale / P)
+        s1 = tl.zeros((GB * BLOCK_K,), tl.float32)
+        s2 = tl.zeros((GB * BLOCK_K,), tl.float32)
+        for q0 in range(0, P, BLOCK_Q):
+            zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+            dy = tl.load(dy_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            chat, s = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
+                                   BLOCK_Q)
+            ds = _by_group(dy * (zc * scale[:, None] + beta[:, None]), GB, BLOCK_K, BLOCK_Q)
+            da = ds * s * (1.0 - s)
+            dc = tl.where(on[None, :], kappa[:, None] * (da - (da_sum / P)[:, None]
+                                                          + chat * coef[:, None]), 0.0)
+            dx = (dy * _per_channel(s, GB, BLOCK_K, BLOCK_Q) + dm[:, None]
+                  + m[:, None] * _per_channel(dc, GB, BLOCK_K, BLOCK_Q))
+            tl.store(dx_ptr + sample + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_BN:  # BN's per-sample channel sums, from dx before rounding
+                dx = tl.where(mask, dx, 0.0)
+                s1 += tl.sum(dx, axis=1)
+                s2 += tl.sum(dx * zc, axis=1)
+        if HAS_BN:
+            ch = n.to(tl.int64) * C + cc
+            tl.store(sums_ptr + ch, s1, mask=cc < C)
+            tl.store(sums_ptr + N * C + ch, s2, mask=cc < C)
 
     @triton.jit
     def _bn_input_grad_kernel(dx_ptr, z_ptr, coef_ptr, numel, C, ch_div, WIDE: tl.constexpr,

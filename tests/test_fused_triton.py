@@ -193,6 +193,38 @@ def test_residual_tail_matches_reference(training, layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("positions", [(16, 16), (64, 128)])
+@pytest.mark.parametrize("training", [True, False])
+def test_narrow_group_kernels_match_reference(monkeypatch, training, positions):
+    # channels_last maps whose groups span under 32 bytes take the chunked kernels
+    # (_narrow_block): here 4 float32 channels per group, 16 channels per program, 7 x 9
+    # positions in chunks of 16 (three whole chunks and a partial one, their statistics
+    # merged) or, as the defaults, 64 forward and 128 backward (one partial chunk). The
+    # block's tail against the float64 reference.
+    forward, backward = positions
+    monkeypatch.setattr(fused_triton, "NARROW_FORWARD_POSITIONS", forward)
+    monkeypatch.setattr(fused_triton, "NARROW_BACKWARD_POSITIONS", backward)
+    monkeypatch.setattr(fused_triton, "NARROW_CHANNELS", 16)
+    ref, fused = _norm_blocks(32, 8, True, training)
+    fmt = torch.channels_last
+    x, residual, dy = (torch.randn(3, 32, 7, 9).to(DEVICE, memory_format=fmt) for _ in range(3))
+    x = x * 2 + 3
+    assert fused_triton._narrow_block(x, 8) == 16
+    out = []
+    for block, t in ((fused, torch.float32), (ref.double(), torch.float64)):
+        z, r = (v.detach().to(t).requires_grad_() for v in (x, residual))
+        if block is fused:
+            y = block.se(block.bn(z), residual=r)
+        else:
+            y = torch.relu(block.se(block.bn(z)) + r)
+        out.append((y, *torch.autograd.grad(y, [z, r, *block.parameters()], dy.to(t))))
+    for a, b in zip(*out):
+        assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        assert_close(b, a.to(b.dtype), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_norm_in_kernels_half_maps(dtype):
     # Half conv outputs with float32 BN parameters and statistics (autocast's case): only
