@@ -466,15 +466,15 @@ if triton is not None:
         return chat, tl.sigmoid(gamma[:, None] * chat + gbeta[:, None])
 
     @triton.jit
-    def _narrow_forward_kernel(z_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-                               w_ptr, b_ptr, C, P, s_n, s_c, s_p, bn_eps, eps, dof,
-                               HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
-                               HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr,
-                               GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+    def _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P, s_n,
+                        s_c, s_p, bn_eps, dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """This program's sample n, its offset, channels cc and groups gg; BN's per-channel
+        (mean, scale, beta); ``_narrow_statistics``; and SGE's gamma and beta per group."""
         blocks = C // (GB * BLOCK_K)
         n = tl.program_id(0) // blocks
         c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
-        sample = n.to(tl.int64) * s_n  # y and the residual have z's strides
+        sample = n.to(tl.int64) * s_n
         cc = c0 + tl.arange(0, GB * BLOCK_K)
         mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
                                          bn_eps, HAS_BN, AFFINE)
@@ -484,7 +484,31 @@ if triton is not None:
         gg = c0 // BLOCK_K + tl.arange(0, GB)
         gamma = tl.load(w_ptr + gg).to(tl.float32)
         gbeta = tl.load(b_ptr + gg).to(tl.float32)
-        for q0 in range(0, P, BLOCK_Q):
+        return n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta
+
+    @triton.jit
+    def _narrow_da(z_ptr, dy_ptr, cc, q0, C, P, s_c, s_p, mean, scale, beta, w, cmean, sigma,
+                   gamma, gbeta, eps, GB: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_Q: tl.constexpr):
+        """A chunk's ``(zc, dy, offs, mask, on, chat, s, da)`` in the backward:
+        da = (sum_k dy x) * s * (1 - s) per group and position, 0 past the map (dy is)."""
+        zc, offs, mask, on = _chunk(z_ptr, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        chat, s = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
+                               BLOCK_Q)
+        ds = _by_group(dy * (zc * scale[:, None] + beta[:, None]), GB, BLOCK_K, BLOCK_Q)
+        return zc, dy, offs, mask, on, chat, s, ds * s * (1.0 - s)
+
+    @triton.jit
+    def _narrow_forward_kernel(z_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
+                               w_ptr, b_ptr, C, P, s_n, s_c, s_p, bn_eps, eps, dof,
+                               HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                               HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+        n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta = (
+            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P,
+                            s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, BLOCK_K, GB, BLOCK_Q))
+        for q0 in range(0, P, BLOCK_Q):  # y and the residual have z's strides
             zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
             chat, gate = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
                                       BLOCK_Q)
@@ -506,30 +530,17 @@ if triton is not None:
         and with chat: since sum_p dc_p = 0, sum_p zc_kp dc_p = sum_p zd_kp dc_p, which is
         gamma / (sigma + eps) * (sum zd da + coef * sum zd chat). The last sweep writes dx
         and BN's channel sums."""
-        blocks = C // (GB * BLOCK_K)
-        n = tl.program_id(0) // blocks
-        c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
-        sample = n.to(tl.int64) * s_n  # z, dy and dx share strides
-        cc = c0 + tl.arange(0, GB * BLOCK_K)
-        mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-                                         bn_eps, HAS_BN, AFFINE)
-        m, zbar, w, cmean, sigma = _narrow_statistics(z_ptr + sample, cc, C, P, s_c, s_p,
-                                                      mean, scale, beta, dof, GB, BLOCK_K,
-                                                      BLOCK_Q)
-        gg = c0 // BLOCK_K + tl.arange(0, GB)
-        gamma = tl.load(w_ptr + gg).to(tl.float32)
-        gbeta = tl.load(b_ptr + gg).to(tl.float32)
+        n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta = (
+            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P,
+                            s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, BLOCK_K, GB, BLOCK_Q))
         da_sum = tl.zeros((GB,), tl.float32)
         da_chat = tl.zeros((GB,), tl.float32)
         zd_da = tl.zeros((GB * BLOCK_K,), tl.float32)
         zd_chat = tl.zeros((GB * BLOCK_K,), tl.float32)
-        for q0 in range(0, P, BLOCK_Q):
-            zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
-            dy = tl.load(dy_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            chat, s = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
-                                   BLOCK_Q)
-            ds = _by_group(dy * (zc * scale[:, None] + beta[:, None]), GB, BLOCK_K, BLOCK_Q)
-            da = ds * s * (1.0 - s)  # 0 past P: dy is
+        for q0 in range(0, P, BLOCK_Q):  # z, dy and dx share strides
+            zc, dy, offs, mask, on, chat, s, da = _narrow_da(
+                z_ptr + sample, dy_ptr + sample, cc, q0, C, P, s_c, s_p, mean, scale, beta, w,
+                cmean, sigma, gamma, gbeta, eps, GB, BLOCK_K, BLOCK_Q)
             da_sum += tl.sum(da, axis=1)
             da_chat += tl.sum(da * chat, axis=1)
             zd = tl.where(mask, zc - zbar[:, None], 0.0)
@@ -546,12 +557,9 @@ if triton is not None:
         s1 = tl.zeros((GB * BLOCK_K,), tl.float32)
         s2 = tl.zeros((GB * BLOCK_K,), tl.float32)
         for q0 in range(0, P, BLOCK_Q):
-            zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
-            dy = tl.load(dy_ptr + sample + offs, mask=mask, other=0.0).to(tl.float32)
-            chat, s = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
-                                   BLOCK_Q)
-            ds = _by_group(dy * (zc * scale[:, None] + beta[:, None]), GB, BLOCK_K, BLOCK_Q)
-            da = ds * s * (1.0 - s)
+            zc, dy, offs, mask, on, chat, s, da = _narrow_da(
+                z_ptr + sample, dy_ptr + sample, cc, q0, C, P, s_c, s_p, mean, scale, beta, w,
+                cmean, sigma, gamma, gbeta, eps, GB, BLOCK_K, BLOCK_Q)
             dc = tl.where(on[None, :], kappa[:, None] * (da - (da_sum / P)[:, None]
                                                           + chat * coef[:, None]), 0.0)
             dx = (dy * _per_channel(s, GB, BLOCK_K, BLOCK_Q) + dm[:, None]
