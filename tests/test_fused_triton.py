@@ -49,6 +49,57 @@ def test_kernels_in_interpreter():
     assert " passed" in out.stdout and "failed" not in out.stdout
 
 
+# Every kernel, with the constexpr combinations the wrappers launch, compiled for a Hopper
+# GPU (sm_90) by Triton's own compiler and ptxas: no GPU needed. The interpreter runs the
+# same code without compiling it, and accepted a loop variable whose type changed from one
+# iteration to the next, which the compiler refuses (found on a lent H100).
+_MAPS = ("z_ptr", "res_ptr", "y_ptr", "dy_ptr", "dx_ptr")
+_COMPILED = [
+    ("_forward_kernel", dict(HAS_BN=True, AFFINE=True, HAS_RES=True, BLOCK_K=4, BLOCK_P=4096)),
+    ("_forward_kernel", dict(HAS_BN=False, AFFINE=False, HAS_RES=False, BLOCK_K=32, BLOCK_P=64)),
+    ("_backward_kernel", dict(HAS_BN=True, AFFINE=False, BLOCK_K=16, BLOCK_P=256)),
+    ("_backward_kernel", dict(HAS_BN=False, AFFINE=False, BLOCK_K=4, BLOCK_P=4096)),
+    ("_narrow_forward_kernel", dict(HAS_BN=True, AFFINE=True, HAS_RES=True, BLOCK_K=4, GB=16,
+                                    BLOCK_Q=64)),
+    ("_narrow_forward_kernel", dict(HAS_BN=False, AFFINE=False, HAS_RES=False, BLOCK_K=8,
+                                    GB=8, BLOCK_Q=64)),
+    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, BLOCK_K=4, GB=16, BLOCK_Q=128)),
+    ("_narrow_backward_kernel", dict(HAS_BN=False, AFFINE=False, BLOCK_K=8, GB=8,
+                                     BLOCK_Q=128)),
+    ("_finish_kernel", dict(HAS_BN=True, TRAINING=True, AFFINE=True, BLOCK_N=32, BLOCK_C=128)),
+    ("_finish_kernel", dict(HAS_BN=False, TRAINING=False, AFFINE=False, BLOCK_N=2, BLOCK_C=64)),
+    ("_bn_input_grad_kernel", dict(WIDE=True, BLOCK=1024)),
+]
+
+
+@pytest.mark.skipif(INTERPRET or fused_triton.triton is None,
+                    reason="compiles the kernels (not in the interpreter); needs Triton")
+@pytest.mark.parametrize("name, constexprs", _COMPILED, ids=lambda v: str(v)[:40])
+def test_kernels_compile_for_a_gpu(name, constexprs):
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernel = getattr(fused_triton, name)
+    signature = {}
+    for arg in inspect.signature(kernel.fn).parameters:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*bf16" if arg in _MAPS else "*fp32"
+        elif arg in ("bn_eps", "eps", "dof", "count"):
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    try:
+        compiled = fused_triton.triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    except FileNotFoundError as err:  # a Triton build without its bundled ptxas
+        pytest.skip(f"no ptxas: {err}")
+    assert compiled.asm["cubin"]
+
+
 def _pair(c, g):
     return tuple(m.to(DEVICE) for m in test_fused._pair(c, g, torch.float32))
 
