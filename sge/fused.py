@@ -334,6 +334,9 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
         if fused_triton.applies(z, groups):  # the residual's add and ReLU included
             y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
                                      bias, groups, residual)
+            if y is None:  # not buildable here (notice given): the same outputs by PyTorch
+                y = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
+                                False, residual)[0]
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
             return fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
@@ -374,11 +377,15 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
         if y is not None:  # ReLU's backward; the add passes its gradient to both branches
             dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
         if triton:  # recomputes the statistics
-            dz, dweight, dbias, dbn_weight, dbn_bias = fused_triton.backward(
-                dy, z, bn, bn_training, weight, bias, weight.shape[1])
-            if dbn_weight is None:
-                return dz, dres, dweight, dbias, *_no_grads(dy)
-            return dz, dres, dweight, dbias, dbn_weight, dbn_bias
+            grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1])
+            if grads is not None:
+                dz, dweight, dbias, dbn_weight, dbn_bias = grads
+                if dbn_weight is None:
+                    return dz, dres, dweight, dbias, *_no_grads(dy)
+                return dz, dres, dweight, dbias, dbn_weight, dbn_bias
+            # Not buildable here (notice given): the forward kept no statistics either way.
+            _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
+                                            weight.shape[1], bn_eps)
         dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                   bias, bn_training, bn_eps)
         return dz, dres, *grads

@@ -23,6 +23,7 @@ float64, and machines without Triton take the PyTorch path (with a one-line noti
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -50,6 +51,44 @@ def _notice(key: str, message: str) -> None:
         _noticed.add(key)
         warnings.warn(f"sge: {message}; the fused SGE uses its PyTorch path there (slower)",
                       stacklevel=3)
+
+
+def _build_errors() -> tuple:
+    """Triton's errors for a kernel it cannot build for this GPU: its compiler's, ptxas's,
+    and too little shared memory or registers."""
+    found = []
+    for module, names in (("triton.compiler.errors", ("CompilationError",)),
+                          ("triton.runtime.errors", ("OutOfResources", "PTXASError"))):
+        try:
+            errors = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(errors, name) for name in names if hasattr(errors, name)]
+    return tuple(found)
+
+
+_BUILD_ERRORS = _build_errors() if triton is not None else ()
+_unbuildable: set = set()
+
+
+def _launch(name: str, grid, *args, **meta) -> bool:
+    """Run the kernel ``name`` on ``grid``; False where Triton cannot build it here (a GPU
+    architecture or data type it does not support, no ptxas, too little shared memory), with
+    a one-line notice: the caller then takes the PyTorch path. A variant that failed is not
+    tried again. Errors while a kernel runs propagate."""
+    key = (name, tuple(sorted(meta.items())),
+           tuple(a.dtype for a in args if isinstance(a, Tensor)))
+    if key in _unbuildable:
+        return False
+    try:
+        globals()[name][grid](*args, **meta)
+    except _BUILD_ERRORS as err:
+        _unbuildable.add(key)
+        first = (str(err).strip().splitlines() or [""])[-1][:200]
+        _notice(f"build {key}", f"Triton could not build {name} for this GPU "
+                f"({type(err).__name__}: {first})")
+        return False
+    return True
 
 
 def _blocks(k: int, p: int) -> tuple[int, int]:
@@ -143,14 +182,15 @@ def _narrow_block(z: Tensor, groups: int) -> int:
 
 
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
-            residual: Tensor | None = None) -> Tensor:
+            residual: Tensor | None = None) -> Tensor | None:
     """SGE's output for its input ``x = BN(z)`` with ``bn = (mean, var, bn_weight, bn_bias,
     eps)`` (bn_weight/bn_bias may be None), or ``x = z`` with ``bn`` None; with a
     ``residual``, the block's tail ``relu(SGE(x) + residual)`` in the same write (ResNet's
     add and ReLU are two more passes over the map). BN is applied in the kernel, so ``x``
     is never stored, and no statistic is kept: the backward kernel recomputes them from z
     (its tile is in registers anyway), which saves writing and reading chat, a float32
-    (N, G, H*W) per block (half a bfloat16 feature map at C/G = 4).
+    (N, G, H*W) per block (half a bfloat16 feature map at C/G = 4). None where the kernel
+    cannot be built here (``_launch``).
     """
     z = _dense(z)
     n, c, h, w = z.shape
@@ -160,18 +200,18 @@ def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
     bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
     block, k = _narrow_block(z, groups), c // groups
     if block:
-        _narrow_forward_kernel[(n * (c // block),)](
-            z, res, y, *bn_ptrs, weight, bias, c, h * w, *_strides(z), bn_eps, EPS,
-            float(max(h * w - 1, 1)), HAS_BN=has_bn, AFFINE=affine,
-            HAS_RES=residual is not None, BLOCK_K=k, GB=block // k,
+        built = _launch(
+            "_narrow_forward_kernel", (n * (c // block),), z, res, y, *bn_ptrs, weight, bias, c,
+            h * w, *_strides(z), bn_eps, EPS, float(max(h * w - 1, 1)), HAS_BN=has_bn,
+            AFFINE=affine, HAS_RES=residual is not None, BLOCK_K=k, GB=block // k,
             BLOCK_Q=NARROW_FORWARD_POSITIONS, num_warps=4)
-        return y
-    grid, meta = _launch_args(z, groups, 2048)
-    _forward_kernel[grid](
-        z, res, y, *bn_ptrs, weight, bias, groups, c // groups, h * w, *_strides(z), bn_eps,
-        EPS, float(max(h * w - 1, 1)), HAS_BN=has_bn, AFFINE=affine,
-        HAS_RES=residual is not None, **meta)
-    return y
+    else:
+        grid, meta = _launch_args(z, groups, 2048)
+        built = _launch(
+            "_forward_kernel", grid, z, res, y, *bn_ptrs, weight, bias, groups, c // groups,
+            h * w, *_strides(z), bn_eps, EPS, float(max(h * w - 1, 1)), HAS_BN=has_bn,
+            AFFINE=affine, HAS_RES=residual is not None, **meta)
+    return y if built else None
 
 
 def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias: Tensor,
@@ -188,6 +228,8 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     ReLU's backward (with a residual) stays outside, in ATen: done here it made the tile
     kernel 2x slower at ResNet-50's first two stages (an H100, bf16, batch 128: 4.55 against
     2.28 ms at 256 x 56 x 56 NHWC), one more tile live in registers.
+
+    None where a kernel cannot be built here (``_launch``).
     """
     dy = _dense(dy)
     if z.stride() != dy.stride():
@@ -202,29 +244,35 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     sums = torch.empty((2, n, c) if has_bn else (0,), **f32)
     block = _narrow_block(z, groups)
     if block:
-        _narrow_backward_kernel[(n * (c // block),)](
-            dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, n, c, p, *_strides(z), bn_eps,
-            EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, BLOCK_K=k,
-            GB=block // k, BLOCK_Q=NARROW_BACKWARD_POSITIONS, num_warps=4)
+        built = _launch(
+            "_narrow_backward_kernel", (n * (c // block),), dy, z, dx, *bn_ptrs, weight, bias,
+            dparams, sums, n, c, p, *_strides(z), bn_eps, EPS, float(max(p - 1, 1)),
+            HAS_BN=has_bn, AFFINE=affine, BLOCK_K=k, GB=block // k,
+            BLOCK_Q=NARROW_BACKWARD_POSITIONS, num_warps=4)
     else:
         grid, meta = _launch_args(z, groups, 2048 if dy.is_contiguous() else 1024)
-        _backward_kernel[grid](
-            dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, groups, k, p, *_strides(z),
-            bn_eps, EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, **meta)
+        built = _launch(
+            "_backward_kernel", grid, dy, z, dx, *bn_ptrs, weight, bias, dparams, sums, groups,
+            k, p, *_strides(z), bn_eps, EPS, float(max(p - 1, 1)), HAS_BN=has_bn,
+            AFFINE=affine, **meta)
     dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
     coef = torch.empty((4, c) if has_bn else (0,), **f32)  # rows (a, b, mean, d) per channel
     dbn = (torch.empty_like(bn[2]), torch.empty_like(bn[3])) if affine else (coef, coef)
     width = max(c if has_bn else 0, groups)
     block_c = min(128, max(2, 1 << (width - 1).bit_length()))
-    _finish_kernel[(triton.cdiv(width, block_c),)](
-        dparams, dweight, dbias, sums, *bn_ptrs[:3], coef, *dbn, n, groups, c, float(n * p),
-        bn_eps, HAS_BN=has_bn, TRAINING=bn_training, AFFINE=affine,
-        BLOCK_N=min(32, max(2, 1 << (n - 1).bit_length())), BLOCK_C=block_c)
-    if has_bn:
+    built = built and _launch(
+        "_finish_kernel", (triton.cdiv(width, block_c),), dparams, dweight, dbias, sums,
+        *bn_ptrs[:3], coef, *dbn, n, groups, c, float(n * p), bn_eps, HAS_BN=has_bn,
+        TRAINING=bn_training, AFFINE=affine, BLOCK_N=min(32, max(2, 1 << (n - 1).bit_length())),
+        BLOCK_C=block_c)
+    if has_bn and built:
         block = 1024
-        _bn_input_grad_kernel[(triton.cdiv(dx.numel(), block),)](
-            dx, z, coef, dx.numel(), c, p if dx.is_contiguous() else 1,
-            WIDE=dx.numel() + block >= 2**31, BLOCK=block, num_warps=4)
+        built = _launch(
+            "_bn_input_grad_kernel", (triton.cdiv(dx.numel(), block),), dx, z, coef,
+            dx.numel(), c, p if dx.is_contiguous() else 1, WIDE=dx.numel() + block >= 2**31,
+            BLOCK=block, num_warps=4)
+    if not built:
+        return None
     if not affine:
         return dx, dweight, dbias, None, None
     return dx, dweight, dbias, *dbn
