@@ -75,20 +75,25 @@ def _launch(name: str, grid, *args, **meta) -> bool:
     """Run the kernel ``name`` on ``grid``; False where Triton cannot build it here (a GPU
     architecture or data type it does not support, no ptxas, too little shared memory), with
     a one-line notice: the caller then takes the PyTorch path. A variant that failed is not
-    tried again. Errors while a kernel runs propagate."""
-    key = (name, tuple(sorted(meta.items())),
-           tuple(a.dtype for a in args if isinstance(a, Tensor)))
-    if key in _unbuildable:
+    tried again. Errors while a kernel runs propagate. (Host time counts here: the variant's
+    key is only made once something failed.)"""
+    if _unbuildable and _variant(name, args, meta) in _unbuildable:
         return False
     try:
         globals()[name][grid](*args, **meta)
     except _BUILD_ERRORS as err:
-        _unbuildable.add(key)
+        _unbuildable.add(_variant(name, args, meta))
         first = (str(err).strip().splitlines() or [""])[-1][:200]
-        _notice(f"build {key}", f"Triton could not build {name} for this GPU "
+        _notice(f"build {name}", f"Triton could not build {name} for this GPU "
                 f"({type(err).__name__}: {first})")
         return False
     return True
+
+
+def _variant(name: str, args, meta) -> tuple:
+    """What Triton compiles a kernel per: its constants and its tensors' dtypes."""
+    return (name, tuple(sorted(meta.items())),
+            tuple(a.dtype for a in args if isinstance(a, Tensor)))
 
 
 def _blocks(k: int, p: int) -> tuple[int, int]:
