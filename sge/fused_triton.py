@@ -266,14 +266,14 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     width = max(c if has_bn else 0, groups)
     block_c = min(128, max(2, 1 << (width - 1).bit_length()))
     built = built and _launch(
-        "_finish_kernel", (triton.cdiv(width, block_c),), dparams, dweight, dbias, sums,
+        "_finish_kernel", (-(-width // block_c),), dparams, dweight, dbias, sums,
         *bn_ptrs[:3], coef, *dbn, n, groups, c, float(n * p), bn_eps, HAS_BN=has_bn,
         TRAINING=bn_training, AFFINE=affine, BLOCK_N=min(32, max(2, 1 << (n - 1).bit_length())),
         BLOCK_C=block_c)
     if has_bn and built:
         block = 1024
         built = _launch(
-            "_bn_input_grad_kernel", (triton.cdiv(dx.numel(), block),), dx, z, coef,
+            "_bn_input_grad_kernel", (-(-dx.numel() // block),), dx, z, coef,
             dx.numel(), c, p if dx.is_contiguous() else 1, WIDE=dx.numel() + block >= 2**31,
             BLOCK=block, num_warps=4)
     if not built:
