@@ -66,6 +66,8 @@ _COMPILED = [
     ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, BLOCK_K=4, GB=16, BLOCK_Q=128)),
     ("_narrow_backward_kernel", dict(HAS_BN=False, AFFINE=False, BLOCK_K=8, GB=8,
                                      BLOCK_Q=128)),
+    # one channel per group (ResNet-18/34's first stage at G=64): groups of size 1 reshaped
+    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, BLOCK_K=1, GB=64, BLOCK_Q=128)),
     ("_finish_kernel", dict(HAS_BN=True, TRAINING=True, AFFINE=True, BLOCK_N=32, BLOCK_C=128)),
     ("_finish_kernel", dict(HAS_BN=False, TRAINING=False, AFFINE=False, BLOCK_N=2, BLOCK_C=64)),
     ("_bn_input_grad_kernel", dict(WIDE=True, BLOCK=1024)),
