@@ -332,17 +332,16 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
     # bn_training is only kept for the backward; keep: whether a backward will run. With a
     # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual).
     with _no_autocast(z):
+        bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
         # The kernels keep no statistics (their backward recomputes them); the fake agrees.
         if fused_triton.applies(z, groups):  # the residual's add and ReLU included
-            y = fused_triton.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
-                                     bias, groups, residual)
+            y = fused_triton.forward(z, bn, weight, bias, groups, residual)
             if y is None:  # not buildable here (notice given): the same outputs by PyTorch
                 y = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                                 False, residual)[0]
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
-            return fused_cpu.forward(z, _bn(bn_weight, bn_bias, mean, var, bn_eps), weight,
-                                     bias, groups, keep, residual)
+            return fused_cpu.forward(z, bn, weight, bias, groups, keep, residual)
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                            keep, residual)
 

@@ -96,8 +96,13 @@ def _variant(name: str, args, meta) -> tuple:
             tuple(a.dtype for a in args if isinstance(a, Tensor)))
 
 
+def _pow2(x: int) -> int:
+    """The least power of two >= x, at least 2 (Triton's block sizes)."""
+    return max(2, 1 << (x - 1).bit_length())
+
+
 def _blocks(k: int, p: int) -> tuple[int, int]:
-    return max(2, 1 << (k - 1).bit_length()), max(2, 1 << (p - 1).bit_length())
+    return _pow2(k), _pow2(p)
 
 
 def applies(z: Tensor, groups: int) -> bool:
@@ -264,18 +269,17 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     coef = torch.empty((4, c) if has_bn else (0,), **f32)  # rows (a, b, mean, d) per channel
     dbn = (torch.empty_like(bn[2]), torch.empty_like(bn[3])) if affine else (coef, coef)
     width = max(c if has_bn else 0, groups)
-    block_c = min(128, max(2, 1 << (width - 1).bit_length()))
+    block_c = min(128, _pow2(width))
     built = built and _launch(
         "_finish_kernel", (-(-width // block_c),), dparams, dweight, dbias, sums,
         *bn_ptrs[:3], coef, *dbn, n, groups, c, float(n * p), bn_eps, HAS_BN=has_bn,
-        TRAINING=bn_training, AFFINE=affine, BLOCK_N=min(32, max(2, 1 << (n - 1).bit_length())),
-        BLOCK_C=block_c)
+        TRAINING=bn_training, AFFINE=affine, BLOCK_N=min(32, _pow2(n)), BLOCK_C=block_c)
     if has_bn and built:
-        block = 1024
+        elems = 1024  # per program
         built = _launch(
-            "_bn_input_grad_kernel", (-(-dx.numel() // block),), dx, z, coef,
-            dx.numel(), c, p if dx.is_contiguous() else 1, WIDE=dx.numel() + block >= 2**31,
-            BLOCK=block, num_warps=4)
+            "_bn_input_grad_kernel", (-(-dx.numel() // elems),), dx, z, coef,
+            dx.numel(), c, p if dx.is_contiguous() else 1, WIDE=dx.numel() + elems >= 2**31,
+            BLOCK=elems, num_warps=4)
     if not built:
         return None
     if not affine:
