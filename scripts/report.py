@@ -70,7 +70,8 @@ class ReportError(RuntimeError):
 
 
 def _last_per_key(rows, key):
-    """Keep the last row per key: a resumed run may log an epoch it had logged before."""
+    """Keep the last row per key: a run resumed from a checkpoint older than the row count
+    that ``last.pt`` records may have logged an epoch twice."""
     out = {}
     for row in rows:
         out[key(row)] = row

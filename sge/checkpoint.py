@@ -242,10 +242,11 @@ def set_rng_state(state: dict) -> None:
 
 def training_state(*, model, optimizer, schedule, scaler, ema, epoch: int, step_in_epoch: int,
                    global_step: int, config: dict, best: dict, counters: dict,
-                   steps_per_epoch: int | None = None) -> dict:
+                   steps_per_epoch: int | None = None, metrics_rows: int | None = None) -> dict:
     """Everything needed to continue exactly. ``epoch`` is the 0-based epoch in progress and
     ``step_in_epoch`` the optimizer steps of it already done (an epoch whose training is done
-    but whose validation is pending has ``step_in_epoch`` = its number of steps)."""
+    but whose validation is pending has ``step_in_epoch`` = its number of steps).
+    ``metrics_rows``: rows in the run's metrics.jsonl when saved (a resume drops later ones)."""
     return {
         "steps_per_epoch": steps_per_epoch,
         "format": "sge-imagenet-train/1",
@@ -259,6 +260,7 @@ def training_state(*, model, optimizer, schedule, scaler, ema, epoch: int, step_
         "config": config,
         "best": dict(best),
         "counters": dict(counters),
+        "metrics_rows": metrics_rows,
     }
 
 
@@ -320,8 +322,9 @@ def load_training_state(path, *, model, optimizer, schedule, scaler, ema, config
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run: "
                               f"{str(exc).splitlines()[0][:300]}") from None
-    return {k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "counters",
-                                  "rng")}
+    return {**{k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "best",
+                                     "counters", "rng")},
+            "metrics_rows": state.get("metrics_rows")}  # None in checkpoints before it
 
 
 def save_last(state: dict, ckpt_dir, keep_epoch_copies: int = 0, epoch_end: bool = False) -> Path:

@@ -246,7 +246,10 @@ def resume_path(cfg: Config) -> Path | None:
 
 def validate_epoch(cfg: Config, parts: Parts, val_loader, progress: Progress,
                    log: runlog.RunLog, stop: StopFlag, config: dict) -> list[dict] | None:
-    """Evaluate the raw weights (and the EMA's), log rows, update best.pt; None if stopped."""
+    """Evaluate the raw weights (and the EMA's), update best.pt, log rows; None if stopped.
+
+    Rows are logged once every candidate is evaluated: a stop midway saves a checkpoint
+    whose validation is pending, and the resumed run logs them all."""
     candidates = [("raw", parts.plain)] + ([("ema", parts.ema.module)] if parts.ema else [])
     rows = []
     for which, module in candidates:
@@ -262,7 +265,6 @@ def validate_epoch(cfg: Config, parts: Parts, val_loader, progress: Progress,
                "weights": which, "loss": result["loss"], "top1": result["top1"],
                "top5": result["top5"], "images": result["images"],
                "lr": parts.optimizer.param_groups[0]["lr"], "img_per_s": result["img_per_s"]}
-        log.metrics(row)
         rows.append(row)
         best = progress.best
         if best["top1"] is None or result["top1"] > best["top1"]:
@@ -271,6 +273,8 @@ def validate_epoch(cfg: Config, parts: Parts, val_loader, progress: Progress,
                 checkpoint.save_best(module.state_dict(), Path(cfg.output.dir) / "checkpoints",
                                      which=which, top1=result["top1"], epoch=progress.epoch + 1,
                                      global_step=progress.global_step, config=config)
+    for row in rows:
+        log.metrics(row)
     return rows
 
 
@@ -326,6 +330,8 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
         rng = state["rng"]
         log.info(f"resumed from {path}: epoch {progress.epoch + 1}, step "
                  f"{progress.step_in_epoch}/{num_steps} of it, global step {progress.global_step}")
+        if path.resolve().parent == ckpt_dir.resolve():  # this run's own checkpoint
+            log.rewind(state["metrics_rows"], progress.global_step)
 
     def save(epoch_end: bool) -> Path | None:
         if not main:
@@ -335,7 +341,7 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
             scaler=parts.scaler, ema=parts.ema, epoch=progress.epoch,
             step_in_epoch=progress.step_in_epoch, global_step=progress.global_step,
             config=config, best=progress.best, counters=progress.counters,
-            steps_per_epoch=num_steps)
+            steps_per_epoch=num_steps, metrics_rows=log.rows)
         return checkpoint.save_last(state, ckpt_dir, cfg.train.keep_epoch_ckpts, epoch_end)
 
     log.info(f"training {cfg.model.name} on {distributed.world_size()} process(es) "

@@ -58,12 +58,40 @@ class RunLog:
         self.dir = Path(out_dir)
         self.active = active
         self.writer = None
+        self.rows = 0  # rows in metrics.jsonl: a checkpoint records it, a resume rewinds to it
         if not active:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        if tensorboard:
+        if (self.dir / "metrics.jsonl").exists():
+            self.rows = (self.dir / "metrics.jsonl").read_bytes().count(b"\n")
+        self.tensorboard = tensorboard
+        self._open_tensorboard()
+
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.dir / "tb"))
+            self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
+
+    def rewind(self, rows: int | None, step: int) -> None:
+        """Forget what was logged after the checkpoint being resumed, taken at global
+        ``step`` when metrics.jsonl had ``rows`` rows (None: not recorded): the resumed run
+        logs it again. TensorBoard drops its events from the first step logged again."""
+        if not self.active:
+            return
+        purge = step + 1
+        if rows is not None and rows < self.rows:
+            path = self.dir / "metrics.jsonl"
+            lines = path.read_bytes().split(b"\n")
+            purge = min([purge] + [_step_of(line) for line in lines[rows:] if line.strip()])
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_bytes(b"".join(line + b"\n" for line in lines[:rows]))
+            os.replace(tmp, path)
+            self.info(f"metrics.jsonl: dropped {self.rows - rows} row(s) logged after the "
+                      f"checkpoint")
+            self.rows = rows
+        if self.writer is not None:
+            self.writer.close()
+            self._open_tensorboard(purge_step=purge)
 
     def write_setup(self, config: dict, env: dict) -> None:
         if self.active:
@@ -77,6 +105,7 @@ class RunLog:
         row = {**row, "time": time.time()}
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.writer is not None:
             prefix = row["split"] if row["split"] == "train" else f"{row['split']}_{row['weights']}"
             for key in ("loss", "top1", "top5", "img_per_s", "lr", "data_wait",
@@ -106,6 +135,14 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: bytes) -> int:
+    """A metrics row's global step (a row torn by a kill counts as infinitely late)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 2**62
 
 
 class _NoBar:

@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
 from sge import checkpoint, engine
@@ -116,11 +117,62 @@ def test_kill_and_resume_is_bitwise_identical(folder, tmp_path, monkeypatch, uni
     resumed, reference = _final_state(tmp_path), _final_state(uninterrupted)
     for key in ("model", "ema", "optimizer", "schedule", "scaler"):
         _assert_same_tensors(resumed[key], reference[key], key)
-    # The epoch that was interrupted reports the same validation as the uninterrupted run.
-    val = [r for r in _rows(tmp_path) if r["split"] == "val" and r["epoch"] == 2]
-    ref_val = [r for r in _rows(uninterrupted) if r["split"] == "val" and r["epoch"] == 2]
-    assert [(r["weights"], r["loss"], r["top1"]) for r in val] == \
-        [(r["weights"], r["loss"], r["top1"]) for r in ref_val]
+    _assert_same_log(tmp_path, uninterrupted)
+
+
+def _assert_same_log(run_dir, reference_dir):
+    """metrics.jsonl has the uninterrupted run's rows, each once, with the same validation."""
+    rows, ref = _rows(run_dir), _rows(reference_dir)
+    key = ("epoch", "step", "split", "weights")
+    assert [tuple(r[k] for k in key) for r in rows] == [tuple(r[k] for k in key) for r in ref]
+    val = ("loss", "top1", "top5", "images")
+    assert [tuple(r[k] for k in val) for r in rows if r["split"] == "val"] == \
+        [tuple(r[k] for k in val) for r in ref if r["split"] == "val"]
+
+
+@pytest.mark.parametrize("fault", ["kill_at_end_of_epoch_1", "kill_at_end_of_epoch_2",
+                                   "sigterm_in_validation"])
+def test_interrupted_validation_logs_each_row_once(folder, tmp_path, monkeypatch, uninterrupted,
+                                                   fault):
+    """Killed after an epoch's rows are logged but before its epoch-end checkpoint, or
+    stopped while validating: the resumed run logs the epoch's rows again (validation), and
+    metrics.jsonl and TensorBoard have each row and step once."""
+    run = RESUME + ("output.tensorboard=true",)
+    if fault == "sigterm_in_validation":
+        real, calls = engine.evaluate, [0]
+
+        def evaluate(*args, **kwargs):  # the stop comes while the EMA weights are evaluated
+            calls[0] += 1
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "evaluate", evaluate)
+        assert engine.fit(tiny_config(folder, tmp_path, *run))["stopped"] == "SIGTERM"
+        saved, logged = 3, ["train"]  # saved after training, validation pending
+    else:
+        epoch, real_save = int(fault[-1]), checkpoint.save_last
+
+        def save_last(state, ckpt_dir, keep_epoch_copies=0, epoch_end=False):
+            if epoch_end and state["epoch"] == epoch:  # the 0-based epoch to come
+                raise _Killed
+            return real_save(state, ckpt_dir, keep_epoch_copies, epoch_end)
+
+        monkeypatch.setattr(checkpoint, "save_last", save_last)
+        with pytest.raises(_Killed):
+            engine.fit(tiny_config(folder, tmp_path, *run))
+        saved, logged = 2 * epoch, ["train", "val", "val"]  # logged, then killed
+    monkeypatch.undo()
+    last_epoch = max(r["epoch"] for r in _rows(tmp_path))
+    assert [r["split"] for r in _rows(tmp_path) if r["epoch"] == last_epoch] == logged
+    assert _final_state(tmp_path)["global_step"] == saved
+    result = engine.fit(tiny_config(folder, tmp_path, *run))
+    assert result["stopped"] is None and result["global_step"] == 6
+    _assert_same_log(tmp_path, uninterrupted)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()  # a resumed writer's purge event drops what the killed run logged later
+    assert [e.step for e in events.Scalars("train/loss_step")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("val_raw/top1")] == [3, 6]
 
 
 def test_run_dir_best_checkpoint_and_eval_reproduce(folder, uninterrupted):

@@ -6,6 +6,7 @@ Faults are sent from this test to a real ``python train.py`` process. Steps are 
 ``slow_write`` hook (every step writes ``last.pt``), so a kill lands at a seeded random moment
 of a seeded random step: during the step, or inside a checkpoint write.
 """
+import json
 import random
 import signal
 import time
@@ -98,3 +99,7 @@ def test_faults_then_resume_bitwise_identical(folder, empty_yaml, tmp_path, refe
         _assert_same_tensors(final[key], reference[key], key)
     assert_all_checkpoints_readable(ckpt_dir)
     assert not list(ckpt_dir.glob(".*.tmp"))  # torn writes' leftovers are cleaned up
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["epoch"], r["split"], r["weights"]) for r in rows] == \
+        [(e, s, w) for e in range(1, 5) for s, w in (("train", "raw"), ("val", "raw"),
+                                                     ("val", "ema"))]  # each row once
