@@ -116,8 +116,8 @@ def stage_cases(args, channels, side, device, dtype, fmt):
         cases[f"{name} fwd"], cases[f"{name} fwd+bwd"] = fwd, fwd_bwd
     # The fused tail's op alone, with the statistics that tail uses.
     bn, sge = tails["fused"].bn, tails["fused"].sge
-    mean, var = _batch_stats(bn, z.detach())
-    op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var,
+    mean, var, zmean = _batch_stats(bn, z.detach())
+    op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var, zmean,
                sge.weight.detach(), sge.bias.detach(), identity, args.groups, True, bn.eps)
     y, chat, sigma, m = torch.ops.sge.fused_forward(*op_args, True)
     cases["fused: batch stats"] = lambda: _batch_stats(bn, z.detach())

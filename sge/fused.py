@@ -326,11 +326,13 @@ _LAYOUT = (torch.Tag.flexible_layout,)
 
 
 def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                  mean: Optional[Tensor], var: Optional[Tensor], weight: Tensor, bias: Tensor,
-                  residual: Optional[Tensor], groups: int, bn_training: bool, bn_eps: float,
+                  mean: Optional[Tensor], var: Optional[Tensor], zmean: Optional[Tensor],
+                  weight: Tensor, bias: Tensor, residual: Optional[Tensor], groups: int,
+                  bn_training: bool, bn_eps: float,
                   keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # bn_training is only kept for the backward; keep: whether a backward will run. With a
-    # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual).
+    # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual). zmean: z's
+    # (N, C) channel means when BN's batch statistics came with them (the C++ kernels).
     with _no_autocast(z):
         bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
         # The kernels keep no statistics (their backward recomputes them); the fake agrees.
@@ -341,7 +343,7 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
                                 False, residual)[0]
             return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
-            return fused_cpu.forward(z, bn, weight, bias, groups, keep, residual)
+            return fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean)
         return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
                            keep, residual)
 
@@ -351,8 +353,8 @@ _fused_forward = torch.library.custom_op("sge::fused_forward", mutates_args=(),
 
 
 @_fused_forward.register_fake
-def _(z, bn_weight, bn_bias, mean, var, weight, bias, residual, groups, bn_training, bn_eps,
-      keep):
+def _(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups, bn_training,
+      bn_eps, keep):
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
     if not keep or fused_triton.applies(z, groups):
@@ -406,7 +408,8 @@ def _(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_
 
 
 def _setup_context(ctx, inputs, output):
-    z, bn_weight, bn_bias, mean, var, weight, bias, residual, _, bn_training, bn_eps, _ = inputs
+    z, bn_weight, bn_bias, mean, var, _, weight, bias, residual, _, bn_training, bn_eps, _ = \
+        inputs
     y, chat, sigma, m = output
     # With a residual, ReLU's backward needs the output: the block's output, which the next
     # block's convolution keeps anyway (no extra memory).
@@ -424,8 +427,8 @@ def _backward_with(op, ctx, dy):
         dresidual = None
     if dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
-    return (dz, dbn_weight, dbn_bias, None, None, dweight, dbias, dresidual, None, None, None,
-            None)
+    return (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias, dresidual, None, None,
+            None, None)
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -477,27 +480,29 @@ class DeferredBatchNorm2d(nn.BatchNorm2d):
 
 
 @torch.library.custom_op("sge::batch_stats", mutates_args=(), tags=_LAYOUT)
-def _compiled_batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+def _compiled_batch_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """BN's batch mean and biased variance of a float CPU map per channel, one opaque op under
     torch.compile: the C++ kernel's (on channels_last maps, timed alone, 2.96 ms against
     7.64 for Inductor's var_mean over ResNet-50's 16 gated BN inputs at batch 8, 112 px, one
     thread), kept for the backward as it is (Inductor recomputed var_mean from z there for
     some blocks). The compiled step took 0.9925x its time with var_mean (one process, one
-    thread, alternating)."""
+    thread, alternating). Third output: each sample's channel means, for the forward."""
     if fused_cpu.stats_apply(z):
         return fused_cpu.batch_stats(z)
     var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
-    return mean, var
+    return mean, var, z.mean((2, 3))
 
 
 @_compiled_batch_stats.register_fake
 def _(z):
-    return z.new_empty(z.shape[1]), z.new_empty(z.shape[1])
+    return z.new_empty(z.shape[1]), z.new_empty(z.shape[1]), z.new_empty(z.shape[:2])
 
 
 def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
-    """``(mean, var)`` (biased) that ``norm(z)`` would use, updating running statistics as
-    ``nn.BatchNorm2d.forward`` does (once per call)."""
+    """``(mean, var, zmean)`` that ``norm(z)`` would use (``var`` biased), updating running
+    statistics as ``nn.BatchNorm2d.forward`` does (once per call). ``zmean``: each sample's
+    channel means ((N, C)) where the C++ kernels computed the statistics, else None."""
+    zmean = None
     if norm.training or not norm.track_running_stats:
         momentum = norm.momentum if norm.momentum is not None else 0.0
         if norm.training and norm.track_running_stats:
@@ -508,7 +513,7 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
         count = z.numel() // z.shape[1]
         if torch.compiler.is_compiling() and count > 1:
             if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
-                mean, var = _compiled_batch_stats(z.detach())
+                mean, var, zmean = _compiled_batch_stats(z.detach())
             else:  # Inductor's own reduction, fused with the cast to the compute dtype
                 var, mean = torch.var_mean(z.detach().to(_compute_dtype(z.dtype)), (0, 2, 3),
                                            correction=0)
@@ -518,7 +523,7 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
         # Asked after is_compiling, so that tracing never enters fused_cpu.applies (its first
         # call builds or loads the kernels).
         elif count > 1 and fused_cpu.stats_apply(z):
-            mean, var = fused_cpu.batch_stats(
+            mean, var, zmean = fused_cpu.batch_stats(
                 z.detach(), norm.running_mean if track else None,
                 norm.running_var if track else None, momentum)
         else:
@@ -528,7 +533,7 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
                 momentum)
     else:
         mean, var = norm.running_mean, norm.running_var
-    return mean, var
+    return mean, var, zmean
 
 
 class FusedSpatialGroupEnhance(SpatialGroupEnhance):
@@ -577,7 +582,7 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
                              f"{tuple(x.shape)}: they must match")
         norm = self._deferred_norm()
         if norm is None:
-            bn, stats, bn_args = (None, None), (None, None), (False, 0.0)
+            bn, stats, bn_args = (None, None), (None, None, None), (False, 0.0)
         else:  # x is the conv output; BN happens inside the op
             bn, stats = (norm.weight, norm.bias), _batch_stats(norm, x)
             bn_args = (norm.training or not norm.track_running_stats, norm.eps)

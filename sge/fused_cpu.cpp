@@ -122,21 +122,22 @@ struct Scratch {
 };
 
 // One (sample, group) tile of an NCHW map: K channel rows of P positions each, contiguous.
-// chat, sigma, m: where to keep the statistics, or null.
+// chat, sigma, m: where to keep the statistics, or null. zmean: the K channels' means over
+// the positions when known (batch_stats computes them), or null.
 template <typename T>
 void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t ch0,
                   const Affine<T>& bn, T gamma, T beta, T eps, T* chat, T* sigma, T* m,
-                  Scratch<T>& s) {
+                  const T* zmean, Scratch<T>& s) {
   const T dof = T(std::max<int64_t>(P - 1, 1));
   T* ct = chat ? chat : s.a.data();
   T* mk = m ? m : s.m.data();
   T* wk = s.w.data();
   T* zm = s.zm.data();
-  // Three reads of the tile (from cache after the first) and one write: x = BN(z) is
-  // recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
+  // Three reads of the tile (from cache after the first; two given zmean) and one write:
+  // x = BN(z) is recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
   for (int64_t k = 0; k < K; ++k) {
     const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
-    zm[k] = mean_of(zt + k * P, P);
+    zm[k] = zmean ? zmean[k] : mean_of(zt + k * P, P);
     mk[k] = a * zm[k] + b;
     wk[k] = mk[k] * a;
   }
@@ -145,10 +146,10 @@ void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t
   // large offset in z costs no precision).
   std::fill(ct, ct + P, T(0));
   for (int64_t k = 0; k < K; ++k) {
-    const T wv = wk[k], zmean = zm[k];
+    const T wv = wk[k], mu = zm[k];
     const T* zr = zt + k * P;
 #pragma omp simd
-    for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - zmean);
+    for (int64_t p = 0; p < P; ++p) ct[p] += wv * (zr[p] - mu);
   }
   const T mean = mean_of(ct, P);
   T sq = 0;
@@ -287,22 +288,26 @@ std::pair<std::vector<T>, std::vector<T>> affine_rows(const Affine<T>& bn, int64
 template <typename T>
 void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
                   int64_t ch0, const Affine<T>& bn, const T* gamma, const T* beta, T eps,
-                  T* chat, T* sigma, T* m) {
+                  T* chat, T* sigma, T* m, const T* zmean) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
   std::vector<T> w(cw), row(cw), t(P * gw), mean(gw), inv(gw);
   ColumnSums<T> zs(cw);
-  for (int64_t p = 0; p < P; ++p) {
-    const T* zr = z + p * C;
-    T* acc = zs.row();
+  if (zmean) {  // the channel means, known: one pass over the map less
+    std::copy(zmean, zmean + cw, zs.total.data());
+  } else {
+    for (int64_t p = 0; p < P; ++p) {
+      const T* zr = z + p * C;
+      T* acc = zs.row();
 #pragma omp simd
-    for (int64_t k = 0; k < cw; ++k) acc[k] += zr[k];
-    zs.done(p, P);
+      for (int64_t k = 0; k < cw; ++k) acc[k] += zr[k];
+      zs.done(p, P);
+    }
+    for (int64_t k = 0; k < cw; ++k) zs.total[k] /= T(P);
   }
   T* zm = zs.total.data();
   for (int64_t k = 0; k < cw; ++k) {
-    zm[k] /= T(P);
     const T mk = a[k] * zm[k] + b[k];
     w[k] = mk * a[k];
     if (m) m[k] = mk;
@@ -469,7 +474,8 @@ template <typename T>
 void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& weight,
                   const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& y,
                   const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
-                  int64_t groups, bool keep, bool channels_last, double eps_) {
+                  const at::Tensor& zmean, int64_t groups, bool keep, bool channels_last,
+                  double eps_) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), K = C / groups;
   const T* zp = z.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -480,12 +486,15 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
   T* chatp = keep ? chat.mutable_data_ptr<T>() : nullptr;
   T* sigmap = keep ? sigma.mutable_data_ptr<T>() : nullptr;
   T* mp = keep ? m.mutable_data_ptr<T>() : nullptr;
+  // The channel means of each sample ((N, C)) when batch_stats gave them, else null.
+  const T* zmp = zmean.defined() ? zmean.const_data_ptr<T>() : nullptr;
   const T eps = T(eps_);
   // The statistics of (sample n, group g), the tile's rows: row = n * groups + g.
   auto tile = [&](const T* zt, T* yt, const T* rt, int64_t row, Scratch<T>& s) {
     const int64_t g = row % groups;
     forward_tile(zt, yt, rt, P, K, g * K, bn, wp[g], bp[g], eps, keep ? chatp + row * P : nullptr,
-                 keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr, s);
+                 keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr,
+                 zmp ? zmp + row * K : nullptr, s);
   };
   if (!channels_last) {  // one task per (sample, group): its tile is contiguous
     at::parallel_for(0, N * groups, 1, [&](int64_t begin, int64_t end) {
@@ -504,7 +513,8 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
       const int64_t row = sp.n * groups + sp.g0;
       forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
                    sp.g0 * K, bn, wp + sp.g0, bp + sp.g0, eps, keep ? chatp + row * P : nullptr,
-                   keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr);
+                   keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr,
+                   zmp ? zmp + row * K : nullptr);
     }
   });
 }
@@ -644,10 +654,11 @@ std::pair<std::vector<double>, std::vector<double>> bn_backward(
 // (sample, channel) row's mean, then its centred sum of squares from cache (channels_last:
 // a sample's per-channel sums along its rows of C, then the same from L2/L3); rows are
 // combined per channel in double (M2 = sum M2_row + P sum (mean_row - mean)^2), so a large
-// offset costs no precision.
+// offset costs no precision. The (sample, channel) means also go to zmean ((N, C)), for
+// the forward, which would compute them again.
 template <typename T>
 void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& var,
-                      bool channels_last) {
+                      const at::Tensor& zmean, bool channels_last) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const T* zp = z.const_data_ptr<T>();
   std::vector<double> row_mean(N * C), row_m2(N * C);
@@ -689,6 +700,8 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   }
   T* mp = mean.mutable_data_ptr<T>();
   T* vp = var.mutable_data_ptr<T>();
+  T* zmp = zmean.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < N * C; ++i) zmp[i] = T(row_mean[i]);
   for (int64_t c = 0; c < C; ++c) {
     double mu = 0, m2 = 0, spread = 0;
     for (int64_t n = 0; n < N; ++n) mu += row_mean[n * C + c];
@@ -715,12 +728,16 @@ at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
-    const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps) {
+    const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
+    const OptTensor& zmean) {
   const bool cl = is_channels_last(z_in);
   const at::Tensor z = z_in.contiguous(format_of(cl));
   TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
               "sge_cpu: the residual must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  TORCH_CHECK(!zmean || zmean->numel() == 0 || zmean->sizes() == at::IntArrayRef({N, C}),
+              "sge_cpu: zmean must be the input's (N, C) channel means");
+  const bool means = zmean && zmean->numel() > 0;
   const at::Tensor y = at::empty_like(z);
   auto stat = [&](std::vector<int64_t> shape) {
     return keep ? z.new_empty(shape) : z.new_empty({0});
@@ -732,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     forward_impl<T>(z, affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C),
                     as_type<T>(weight), as_type<T>(bias),
                     residual ? as_type<T>(*residual, format_of(cl)) : at::Tensor(), y, chat,
-                    sigma, m, groups, keep, cl, eps);
+                    sigma, m, means ? as_type<T>(*zmean) : at::Tensor(), groups, keep, cl, eps);
   });
   return {y, chat, sigma, m};
 }
@@ -778,23 +795,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // BN's batch statistics (mean, biased variance) of a contiguous NCHW or channels_last map,
-// updating the running ones as nn.BatchNorm2d does when given (running variance unbiased).
-std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
+// updating the running ones as nn.BatchNorm2d does when given (running variance unbiased),
+// and each sample's channel means ((N, C), forward's zmean).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
                                                const OptTensor& running_mean,
                                                const OptTensor& running_var, double momentum) {
   const bool cl = is_channels_last(z);
   TORCH_CHECK(cl || z.is_contiguous(), "sge_cpu: batch_stats takes contiguous NCHW or "
               "channels_last maps");
   const at::Tensor mean = z.new_empty({z.size(1)}), var = z.new_empty({z.size(1)});
+  const at::Tensor zmean = z.new_empty({z.size(0), z.size(1)});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_batch_stats", [&] {
-    batch_stats_impl<scalar_t>(z, mean, var, cl);
+    batch_stats_impl<scalar_t>(z, mean, var, zmean, cl);
   });
   if (running_mean) {
     const double count = double(z.numel() / z.size(1));
     running_mean->mul_(1 - momentum).add_(mean, momentum);
     running_var->mul_(1 - momentum).add_(var, momentum * count / (count - 1));
   }
-  return {mean, var};
+  return {mean, var, zmean};
 }
 
 
@@ -803,11 +822,11 @@ std::tuple<at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
 TORCH_LIBRARY(sge_cpu, lib) {
   lib.def("forward(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
           "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
-          "float eps) -> (Tensor, Tensor, Tensor, Tensor)", &forward);
+          "float eps, Tensor? zmean) -> (Tensor, Tensor, Tensor, Tensor)", &forward);
   lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
           "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
   lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-          "float momentum) -> (Tensor, Tensor)", &batch_stats);
+          "float momentum) -> (Tensor, Tensor, Tensor)", &batch_stats);
 }

@@ -106,12 +106,13 @@ def _bn_args(bn) -> tuple:
 
 
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
-            residual=None):
+            residual=None, zmean=None):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (``y`` in ``z``'s layout, NCHW
     or channels_last; empty statistics without ``keep``), ``bn = (mean, var, bn_weight,
     bn_bias, eps)`` the BN the kernel applies first (weight and bias may be None) or None.
-    With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written."""
-    return _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS)
+    With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written.
+    ``zmean``: ``z``'s (N, C) channel means, from ``batch_stats`` (one pass less), or None."""
+    return _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS, zmean)
 
 
 def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,
@@ -129,5 +130,6 @@ def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigm
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):
     """BatchNorm's batch statistics of ``z`` (NCHW or channels_last): per channel mean and
     biased variance, in ``z``'s dtype; the running ones, when given, are updated as BatchNorm2d
-    does (``momentum``, the running variance unbiased)."""
+    does (``momentum``, the running variance unbiased). Third: each sample's channel means
+    ((N, C)), which ``forward`` takes as ``zmean``."""
     return _ops().batch_stats(z, running_mean, running_var, momentum)

@@ -216,9 +216,10 @@ def test_batch_stats_match_float64(dtype):
         z = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 100
         ref = z.double()
         for layout in (torch.contiguous_format, torch.channels_last):
-            mean, var = fused_cpu.batch_stats(z.contiguous(memory_format=layout))
+            mean, var, zmean = fused_cpu.batch_stats(z.contiguous(memory_format=layout))
             assert_close(mean, ref.mean((0, 2, 3)).to(dtype), **_tol(dtype))
             assert_close(var, ref.var((0, 2, 3), correction=0).to(dtype), **_tol(dtype))
+            assert_close(zmean, ref.mean((2, 3)).to(dtype), **_tol(dtype))  # per sample
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
@@ -326,3 +327,37 @@ def test_half_maps_use_pytorch_path(calls):
     x = (torch.randn(3, 16, 6, 5) * 3).to(torch.bfloat16)
     assert_close(layer(x).float(), layer(x.float()), rtol=1e-2, atol=1e-2)
     assert calls["forward"] == (1 if HAS_COMPILER else 0)  # the float32 call only
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_takes_the_channel_means_of_batch_stats(dtype, channels_last, monkeypatch):
+    # batch_stats' per-sample channel means spare the forward its own pass for them: same
+    # outputs as the forward computing them, and the eager module in training passes them.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for n, c, h, w, g in SHAPES:
+        gen = torch.Generator().manual_seed(7)
+        z = (torch.randn(n, c, h, w, generator=gen, dtype=dtype) * 3 + 10).contiguous(
+            memory_format=layout)
+        mean, var, zmean = fused_cpu.batch_stats(z)
+        bn = (mean, var, torch.rand(c, generator=gen, dtype=dtype) + 0.5,
+              torch.randn(c, generator=gen, dtype=dtype), 1e-5)
+        weight, bias = (torch.randn(1, g, 1, 1, generator=gen, dtype=dtype) for _ in range(2))
+        own = fused_cpu.forward(z, bn, weight, bias, g, True)
+        given = fused_cpu.forward(z, bn, weight, bias, g, True, None, zmean)
+        for a, b in zip(given, own):
+            assert_close(a, b, **_tol(dtype))
+        if h * w > 1:  # the means are used, not recomputed: wrong ones change the output
+            assert not torch.allclose(
+                fused_cpu.forward(z, bn, weight, bias, g, True, None, zmean + 1)[0], own[0])
+    passed = []
+    real = fused_cpu.forward
+    monkeypatch.setattr(fused_cpu, "forward", lambda *args: passed.append(args[-1] is not None)
+                        or real(*args))
+    n, c, h, w, g = SHAPES[0]
+    for training in (True, False):
+        norm, sge = _bn_pair(c, g, dtype, training)[0]
+        sge(norm(torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=layout)))
+    assert passed == [True, False]  # the running statistics in eval mode come without them
+
