@@ -457,10 +457,19 @@ class _EagerFused(torch.autograd.Function):
         output = _forward_impl(*inputs)
         ctx.mark_non_differentiable(*output[1:])
         _setup_context(ctx, inputs, output)
+        z = inputs[0]
+        ctx.channels_last = z.dim() == 4 and not z.is_contiguous() and \
+            z.is_contiguous(memory_format=torch.channels_last)
         return output
 
     @staticmethod
     def backward(ctx, dy, *_stat_grads):
+        # The ops work, and give their gradients, in dy's layout. In a channels_last model
+        # the last stage's dy comes NCHW from the head's pooling: taking it as the maps are
+        # (one copy of dy) spares copying z and y to NCHW, and keeps the gradients that flow
+        # on channels_last.
+        if ctx.channels_last and not dy.is_contiguous(memory_format=torch.channels_last):
+            dy = dy.contiguous(memory_format=torch.channels_last)
         return _backward_with(_backward_impl, ctx, dy)
 
 

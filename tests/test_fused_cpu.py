@@ -361,3 +361,23 @@ def test_forward_takes_the_channel_means_of_batch_stats(dtype, channels_last, mo
         sge(norm(torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=layout)))
     assert passed == [True, False]  # the running statistics in eval mode come without them
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nchw_gradient_of_a_channels_last_block(dtype, calls):
+    # In a channels_last model the head's pooling hands the last stage an NCHW gradient.
+    # The op takes it in the maps' layout: the gradients it gives (input, residual) are
+    # channels_last, equal to the reference's.
+    n, c, h, w, g = 2, 32, 4, 4, 8
+    _, _, x, _ = _layer_case((n, c, h, w, g), dtype, channels_last=True)
+    gen = torch.Generator().manual_seed(5)
+    residual = torch.randn(x.shape, generator=gen, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=gen, dtype=dtype)
+    assert dy.is_contiguous() and not dy.is_contiguous(memory_format=torch.channels_last)
+    fused_pair, reference = _bn_pair(c, g, dtype, training=True)
+    got = _tail_results(fused_pair, x, residual, dy, fused=True)
+    expect = _tail_results(reference, x, residual, dy, fused=False)
+    for a, b in zip(got, expect):
+        assert_close(a, b, **_tol(dtype))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got[1:3])
+    assert calls["backward"] == (1 if HAS_COMPILER else 0)
