@@ -15,8 +15,8 @@ applies that BN itself, ``x = z * scale + shift`` from the conv output ``z`` and
 statistics, without ever storing ``x``: the forward allocates only ``y`` (where ResNet
 allocates the BN output) and the backward recomputes ``x`` from ``z``, which BN's backward
 needs anyway. Batch statistics come from ``torch.batch_norm_update_stats`` (on CPU from a
-one-pass kernel of ``sge/fused_cpu.py``), once per forward, so running statistics update
-exactly once per step.
+one-pass kernel of ``sge/fused_cpu.py``, which also hands the forward each sample's channel
+means), once per forward, so running statistics update exactly once per step.
 
 The op can also finish the block (``residual=``, as ``models/resnet.py``'s SGE blocks call
 it): ``y = relu(SGE(x) + residual)`` in the same write, where ResNet runs BN, the add and the

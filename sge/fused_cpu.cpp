@@ -134,7 +134,8 @@ void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t
   T* wk = s.w.data();
   T* zm = s.zm.data();
   // Three reads of the tile (from cache after the first; two given zmean) and one write:
-  // x = BN(z) is recomputed where needed, never stored. Channel means of x: g_k = a_k mean(z_k) + b_k.
+  // x = BN(z) is recomputed where needed, never stored. Channel means of x:
+  // g_k = a_k mean(z_k) + b_k.
   for (int64_t k = 0; k < K; ++k) {
     const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
     zm[k] = zmean ? zmean[k] : mean_of(zt + k * P, P);
