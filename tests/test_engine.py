@@ -14,7 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import data
-from sge import checkpoint, engine
+from sge import checkpoint, engine, runlog
 from sge.checkpoint import CheckpointError
 from tests.engine_utils import make_folder, tiny_config
 
@@ -173,6 +173,22 @@ def test_interrupted_validation_logs_each_row_once(folder, tmp_path, monkeypatch
     events.Reload()  # a resumed writer's purge event drops what the killed run logged later
     assert [e.step for e in events.Scalars("train/loss_step")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("val_raw/top1")] == [3, 6]
+
+
+def test_rewind_drops_later_and_torn_rows(tmp_path, capsys):
+    # A row torn by a kill mid-write (no newline) goes too, so the next row starts a line.
+    rows = [json.dumps({"epoch": e, "step": 3 * e, "split": "train"}) for e in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"epoch": 4, "st')
+    log = runlog.RunLog(str(tmp_path), active=True, tensorboard=False)
+    assert log.rows == 3
+    log.rewind(3, step=9)  # the torn row alone
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(rows) + "\n"
+    log.rewind(1, step=3)
+    assert _rows(tmp_path) == [json.loads(rows[0])] and log.rows == 1
+    out = capsys.readouterr().out
+    assert "dropped 1 row(s)" in out and "dropped 2 row(s)" in out
+    log.metrics({"epoch": 2, "step": 6, "split": "train"})
+    assert [r["epoch"] for r in _rows(tmp_path)] == [1, 2] and log.rows == 2
 
 
 def test_run_dir_best_checkpoint_and_eval_reproduce(folder, uninterrupted):
