@@ -84,12 +84,13 @@ class RunLog:
         # lines[-1]: what follows the last newline, a row torn by a kill mid-write if not empty
         if rows is not None and (rows < self.rows or lines[-1]):
             rows = min(rows, self.rows)
-            purge = min([purge] + [_step_of(line) for line in lines[rows:] if line.strip()])
+            dropped = [line for line in lines[rows:] if line.strip()]
+            purge = min([purge] + [_step_of(line) for line in dropped])
             tmp = path.with_name(".metrics.jsonl.tmp")
             tmp.write_bytes(b"".join(line + b"\n" for line in lines[:rows]))
             os.replace(tmp, path)
-            self.info(f"metrics.jsonl: dropped {len(lines) - 1 - rows + bool(lines[-1])} "
-                      f"row(s) logged after the checkpoint")
+            self.info(f"metrics.jsonl: dropped {len(dropped)} row(s) logged after the "
+                      f"checkpoint")
             self.rows = rows
         if self.writer is not None:
             self.writer.close()
