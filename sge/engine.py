@@ -311,7 +311,10 @@ def fit(cfg: Config) -> dict:
 def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
     main = distributed.is_main()
     seed_step(cfg.seed, distributed.rank(), -1)
-    log = runlog.RunLog(cfg.output.dir, main, cfg.output.tensorboard)
+    ckpt_dir = Path(cfg.output.dir) / "checkpoints"
+    path = resume_path(cfg)
+    own = path is not None and path.resolve().parent == ckpt_dir.resolve()
+    log = runlog.RunLog(cfg.output.dir, main, cfg.output.tensorboard, fresh=not own)
     config = runlog.resolved_config(cfg)
     log.write_setup(config, runlog.environment(distributed.world_size()))
     train_loader, val_loader = data.build_loader(cfg, "train"), data.build_loader(cfg, "val")
@@ -319,8 +322,6 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
                                 cfg.train.steps_per_epoch)
     parts = setup(cfg, device, num_steps)
     progress, rng = Progress(), None
-    ckpt_dir = Path(cfg.output.dir) / "checkpoints"
-    path = resume_path(cfg)
     if path is not None:
         state = checkpoint.load_training_state(
             path, model=parts.plain, optimizer=parts.optimizer, schedule=parts.schedule,
@@ -330,7 +331,7 @@ def _fit(cfg: Config, device: torch.device, stop: StopFlag) -> dict:
         rng = state["rng"]
         log.info(f"resumed from {path}: epoch {progress.epoch + 1}, step "
                  f"{progress.step_in_epoch}/{num_steps} of it, global step {progress.global_step}")
-        if path.resolve().parent == ckpt_dir.resolve():  # this run's own checkpoint
+        if own:  # this run's own checkpoint
             log.rewind(state["metrics_rows"], progress.global_step)
 
     def save(epoch_end: bool) -> Path | None:

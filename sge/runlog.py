@@ -53,8 +53,43 @@ def environment(world_size: int) -> dict:
             "argv": sys.argv, "time": time.time()}
 
 
+# What a run leaves in its directory; a run that starts afresh there moves an earlier run's
+# records aside (``set_aside``) rather than appending to them or overwriting them.
+RECORDS = ("metrics.jsonl", "tb", "checkpoints", "config.yaml", "env.json")
+PREVIOUS = "previous"
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's records (``RECORDS``) from ``run_dir`` into
+    ``run_dir/previous/<UTC time>/`` and return that folder; None when there are none.
+
+    A run that starts afresh (``train.resume=never``, a checkpoint from elsewhere, or
+    ``auto`` with no ``last.pt``: a run killed before its first checkpoint) would otherwise
+    append its rows after the old ones, mix its TensorBoard events with theirs and overwrite
+    their checkpoints. Nothing is deleted."""
+    def kept(name: str) -> bool:  # config.yaml and env.json alone are a run that did nothing
+        path = run_dir / name
+        return path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0
+    if not any(kept(name) for name in ("metrics.jsonl", "tb", "checkpoints")):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run_dir / PREVIOUS / stamp
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / PREVIOUS / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for name in RECORDS:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, dest / name)
+    return dest
+
+
 class RunLog:
-    def __init__(self, out_dir: str, active: bool, tensorboard: bool = True):
+    def __init__(self, out_dir: str, active: bool, tensorboard: bool = True,
+                 fresh: bool = False):
+        """``fresh``: the run does not continue from this directory's own checkpoint, so
+        an earlier run's records there are moved aside (``set_aside``) first."""
         self.dir = Path(out_dir)
         self.active = active
         self.writer = None
@@ -62,6 +97,11 @@ class RunLog:
         if not active:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            moved = set_aside(self.dir)
+            if moved is not None:
+                self.info(f"{self.dir} held an earlier run's records and this run starts "
+                          f"afresh: they were moved to {moved}")
         if (self.dir / "metrics.jsonl").exists():
             self.rows = (self.dir / "metrics.jsonl").read_bytes().count(b"\n")
         self.tensorboard = tensorboard

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 
 import numpy as np
@@ -189,6 +190,53 @@ def test_rewind_drops_later_and_torn_rows(tmp_path, capsys):
     assert "dropped 1 row(s)" in out and "dropped 2 row(s)" in out
     log.metrics({"epoch": 2, "step": 6, "split": "train"})
     assert [r["epoch"] for r in _rows(tmp_path)] == [1, 2] and log.rows == 2
+
+
+@pytest.mark.parametrize("earlier", ["orphan_rows", "finished_run"])
+def test_fresh_start_moves_earlier_records_aside(folder, tmp_path, uninterrupted, earlier):
+    """A run that starts afresh in a directory holding an earlier run's records (rows of a
+    run killed before its first checkpoint, with resume=auto; a finished run, with
+    resume=never) moves them to previous/<time>/ unchanged, and logs only its own rows."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    if earlier == "orphan_rows":
+        shutil.rmtree(run_dir / "checkpoints")
+        (run_dir / "metrics.jsonl").write_text("".join(
+            line for line in open(uninterrupted / "metrics.jsonl") if '"epoch": 1' in line))
+    before = {name: (run_dir / name).read_bytes()
+              for name in ("metrics.jsonl", "config.yaml", "checkpoints/last.pt",
+                           "checkpoints/best.pt") if (run_dir / name).exists()}
+    resume = "train.resume=never" if earlier == "finished_run" else "train.resume=auto"
+    result = engine.fit(tiny_config(folder, run_dir, *RESUME, "train.epochs=1", resume))
+    assert result["stopped"] is None and result["global_step"] == 3  # from the start
+    moved = list((run_dir / runlog.PREVIOUS).iterdir())
+    assert len(moved) == 1
+    assert {name: (moved[0] / name).read_bytes() for name in before} == before
+    rows = _rows(run_dir)
+    assert [(r["epoch"], r["split"]) for r in rows] == [(1, "train"), (1, "val"), (1, "val")]
+    assert [r["step"] for r in rows] == [3, 3, 3]
+    assert _final_state(run_dir)["global_step"] == 3
+    # Run again: it resumes from its own last.pt (finished), so nothing more is moved.
+    engine.fit(tiny_config(folder, run_dir, *RESUME, "train.epochs=1"))
+    assert list((run_dir / runlog.PREVIOUS).iterdir()) == moved and _rows(run_dir) == rows
+
+
+def test_set_aside_keeps_what_is_not_a_record(tmp_path):
+    assert runlog.set_aside(tmp_path) is None  # nothing there
+    (tmp_path / "config.yaml").write_text("a run that died in its set-up\n")
+    (tmp_path / "checkpoints").mkdir()
+    assert runlog.set_aside(tmp_path) is None  # an empty folder and a config: no records
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints").is_dir()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "notes.txt").write_text("the user's own file\n")
+    first = runlog.set_aside(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2}\n')
+    second = runlog.set_aside(tmp_path)  # within the same second: a distinct folder
+    assert first != second and first.parent == second.parent == tmp_path / runlog.PREVIOUS
+    assert sorted(p.name for p in first.iterdir()) == ["checkpoints", "config.yaml",
+                                                       "metrics.jsonl"]
+    assert (second / "metrics.jsonl").read_text() == '{"step": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", runlog.PREVIOUS]
 
 
 def test_run_dir_best_checkpoint_and_eval_reproduce(folder, uninterrupted):
