@@ -4,6 +4,9 @@
     python scripts/report.py runs/resnet50 runs/sge_resnet50 --out runs/results.md --plots runs/
     python scripts/report.py runs/sweep            # every run dir below it (a group sweep)
 
+Runs that a fresh start moved to a run directory's ``previous/`` are left out of a search
+below a folder; name one to report it.
+
 A run directory holds ``config.yaml`` and ``metrics.jsonl`` (DESIGN.md). Per run: model,
 SGE groups, parameters, GFLOPs (multiply-adds per image at the run's validation crop,
 counted as the paper's table counts them: sge/flops.py), the best validation top-1 and its
@@ -35,6 +38,7 @@ from model_info import PAPER  # the published numbers, kept in one place
 
 import models
 from sge.flops import count_params, paper_macs
+from sge.runlog import PREVIOUS
 
 REFERENCE = ml.ROOT / "docs" / "reference"
 EVAL_LINE = re.compile(r"top1=([\d.]+) top5=([\d.]+) images=(\d+)")
@@ -113,8 +117,11 @@ def find_runs(paths) -> list[Run]:
     for p in map(Path, paths):
         if not p.exists():
             raise ReportError(f"no such run directory: {p}")
+        # Below p, not the earlier runs that a fresh start moved aside (runlog.set_aside):
+        # those are reported when their folder is named.
         dirs = [p] if (p / "metrics.jsonl").is_file() else \
-            sorted(m.parent for m in p.rglob("metrics.jsonl"))
+            sorted(m.parent for m in p.rglob("metrics.jsonl")
+                   if PREVIOUS not in m.relative_to(p).parts)
         if not dirs:
             raise ReportError(f"{p} holds no run (no metrics.jsonl in it or below it)")
         runs += [load_run(d) for d in dirs]

@@ -158,6 +158,9 @@ def test_report_table_and_plots(tmp_path, capsys):
     _write_run(tmp_path / "sweep" / "g4", {**narrow, "groups": 4}, [35.0, 50.25, 60.125])
     _write_run(tmp_path / "paper", {"name": "sge_resnet50", "groups": 64, "num_classes": 1000},
                [70.0, 77.0], crop=224)
+    # An earlier run that a fresh start moved aside is not one of the sweep's runs.
+    _write_run(tmp_path / "sweep" / "g4" / "previous" / "20261123-000000",
+               {**narrow, "groups": 4}, [99.0])
     # A resumed run may log an epoch twice: the later row counts.
     with open(tmp_path / "sweep" / "g4" / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"epoch": 3, "split": "val", "weights": "raw", "loss": 1.0,
@@ -170,6 +173,7 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert rows["sweep/g2"][2:] == ["2", "0.19M", rows["sweep/g2"][4], "55.500 (2)", "75.500",
                                     "-", "-"]
     assert rows["sweep/g4"][5:7] == ["58.000 (3)", "80.000"]
+    assert sorted(rows) == ["Run", "paper", "sweep/g2", "sweep/g4"]  # header and three runs
     params = sum(p.numel() for p in models.create_model("sge_resnet50").parameters())
     assert params == 25_559_080
     assert rows["paper"][3] == f"{params / 1e6:.2f}M"
