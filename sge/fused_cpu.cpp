@@ -23,6 +23,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -293,20 +294,194 @@ std::pair<std::vector<T>, std::vector<T>> affine_rows(const Affine<T>& bn, int64
   return {a, b};
 }
 
+// What the channels_last kernels do along one row (one position's cw = gw K channels from
+// ch0; a, b: BN's scale and shift of those channels, w, zm, mk, dmk per channel; per-group
+// values by row, gw of them), any T and K: through row buffers, group_sums and expand.
+template <typename T>
+struct RowOps {
+  int64_t K, gw, cw;
+  std::vector<T> row, ex;
+  RowOps(int64_t K_, int64_t gw_) : K(K_), gw(gw_), cw(gw_ * K_), row(cw), ex(cw) {}
+
+  // t_g = sum over group g of w_k (z_k - zm_k)
+  void centred_sums(const T* zr, const T* w, const T* zm, T* t) {
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) row[k] = w[k] * (zr[k] - zm[k]);
+    group_sums(row.data(), t, gw, K);
+  }
+  // y = x gate_g, or relu(x gate_g + r) with a residual r (std::max keeps a NaN, as
+  // torch.relu does)
+  void gated(const T* zr, const T* a, const T* b, const T* gate, const T* rr, T* yr) {
+    expand(gate, row.data(), gw, K);
+    if (rr) {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) {
+        yr[k] = std::max((zr[k] * a[k] + b[k]) * row[k] + rr[k], T(0));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) yr[k] = (zr[k] * a[k] + b[k]) * row[k];
+    }
+  }
+  // ds_g = sum over group g of dy_k x_k; with the tail's output yo, dy is ReLU's backward
+  // first (as threshold_backward: 0 where yo <= 0), written to gr
+  void ds(const T* dyr, const T* yr, T* gr, const T* zr, const T* a, const T* b, T* d) {
+    if (yr) {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) {
+        const T v = yr[k] <= T(0) ? T(0) : dyr[k];
+        gr[k] = v;
+        row[k] = v * (zr[k] * a[k] + b[k]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) row[k] = dyr[k] * (zr[k] * a[k] + b[k]);
+    }
+    group_sums(row.data(), d, gw, K);
+  }
+  // acc_k += x_k dc_g
+  void dm(const T* dc, const T* zr, const T* a, const T* b, T* acc) {
+    expand(dc, ex.data(), gw, K);
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) acc[k] += (zr[k] * a[k] + b[k]) * ex[k];
+  }
+  // dx_k = g_k s_g + dm_k + m_k dc_g, and the sums of dx and dx z
+  void dx(const T* s, const T* dc, const T* gr, const T* zr, const T* dmk, const T* mk, T* xr,
+          T* acc, T* acc2) {
+    expand(s, row.data(), gw, K);
+    expand(dc, ex.data(), gw, K);
+#pragma omp simd
+    for (int64_t k = 0; k < cw; ++k) {
+      const T v = gr[k] * row[k] + dmk[k] + mk[k] * ex[k];
+      xr[k] = v;
+      acc[k] += v;
+      acc2[k] += v * zr[k];
+    }
+  }
+};
+
+#if defined(__AVX512F__)
+// RowOps for float rows of whole 64-channel chunks, K = 4, 8, 16 or 32, in 512-bit
+// registers (fused_cpu_layout.h's gsum and gexpand): ResNet-50's gated maps, whose rows in
+// the first two stages hold 64 groups of 4 and of 8 channels. Through RowOps' row buffers
+// the first stage's backward took 2.6 ms per call at batch 8, 112 px, one thread, this way
+// 2.1 ms (the second stage's 0.97 and 0.68 ms).
+template <int K>
+struct LaneOps {
+  int64_t cw;
+  const Lanes& L = lanes();
+  LaneOps(int64_t, int64_t gw) : cw(gw * K) {}
+
+  static __m512 x_of(const float* zr, const float* a, const float* b, int64_t c) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(zr + c), _mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c));
+  }
+  void centred_sums(const float* zr, const float* w, const float* zm, float* t) {
+    for (int64_t c0 = 0; c0 < cw; c0 += 64) {
+      __m512 v[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + 16 * j;
+        v[j] = _mm512_mul_ps(_mm512_loadu_ps(w + c),
+                             _mm512_sub_ps(_mm512_loadu_ps(zr + c), _mm512_loadu_ps(zm + c)));
+      }
+      gstore<K>(t + c0 / K, gsum<K>(v, L));
+    }
+  }
+  void gated(const float* zr, const float* a, const float* b, const float* gate,
+             const float* rr, float* yr) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < cw; c0 += 64) {
+      const __m512 gv = gload<K>(gate + c0 / K);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + 16 * j;
+        const __m512 v = _mm512_mul_ps(x_of(zr, a, b, c), gexpand<K>(gv, j, L));
+        // max(0, v) gives v when v is NaN (the second operand), as torch.relu does
+        _mm512_storeu_ps(yr + c, rr ? _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_loadu_ps(rr + c)))
+                                    : v);
+      }
+    }
+  }
+  void ds(const float* dyr, const float* yr, float* gr, const float* zr, const float* a,
+          const float* b, float* d) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < cw; c0 += 64) {
+      __m512 v[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + 16 * j;
+        __m512 g = _mm512_loadu_ps(dyr + c);
+        if (yr) {  // 0 where yo <= 0 (not where yo is NaN, as threshold_backward)
+          g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(yr + c), zero, _CMP_NLE_UQ), g);
+          _mm512_storeu_ps(gr + c, g);
+        }
+        v[j] = _mm512_mul_ps(g, x_of(zr, a, b, c));
+      }
+      gstore<K>(d + c0 / K, gsum<K>(v, L));
+    }
+  }
+  void dm(const float* dc, const float* zr, const float* a, const float* b, float* acc) {
+    for (int64_t c0 = 0; c0 < cw; c0 += 64) {
+      const __m512 dv = gload<K>(dc + c0 / K);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + 16 * j;
+        _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(x_of(zr, a, b, c), gexpand<K>(dv, j, L),
+                                                  _mm512_loadu_ps(acc + c)));
+      }
+    }
+  }
+  void dx(const float* s, const float* dc, const float* gr, const float* zr, const float* dmk,
+          const float* mk, float* xr, float* acc, float* acc2) {
+    for (int64_t c0 = 0; c0 < cw; c0 += 64) {
+      const __m512 sv = gload<K>(s + c0 / K), dv = gload<K>(dc + c0 / K);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + 16 * j;
+        const __m512 v = _mm512_fmadd_ps(
+            _mm512_loadu_ps(gr + c), gexpand<K>(sv, j, L),
+            _mm512_fmadd_ps(_mm512_loadu_ps(mk + c), gexpand<K>(dv, j, L),
+                            _mm512_loadu_ps(dmk + c)));
+        _mm512_storeu_ps(xr + c, v);
+        _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_loadu_ps(acc + c), v));
+        _mm512_storeu_ps(acc2 + c, _mm512_fmadd_ps(v, _mm512_loadu_ps(zr + c),
+                                                   _mm512_loadu_ps(acc2 + c)));
+      }
+    }
+  }
+};
+#endif
+
+// Calls f with the row ops for K channels per group and gw groups: LaneOps where they
+// apply, else RowOps.
+template <typename T, typename F>
+void with_row_ops(int64_t K, int64_t gw, F&& f) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (gw * K % 64 == 0) {
+      switch (K) {
+        case 4: { LaneOps<4> ops(K, gw); return f(ops); }
+        case 8: { LaneOps<8> ops(K, gw); return f(ops); }
+        case 16: { LaneOps<16> ops(K, gw); return f(ops); }
+        case 32: { LaneOps<32> ops(K, gw); return f(ops); }
+        default: break;
+      }
+    }
+  }
+#endif
+  RowOps<T> ops(K, gw);
+  f(ops);
+}
+
 // forward_tile on a channels_last map, without transposing it: one sample's groups
 // [g0, g0 + gw), its rows (positions) of C channels, of which this task's are cw = gw K
 // from ch0 (z, y, r point at the first). Along the rows: the channel means (column sums),
 // then per position the group sums of g_k a_k (z_k - mean(z_k)) (group_sums), then the
 // statistics per group down the positions, and the gate expanded back to the channels. The
 // per-(position, group) values are kept by row (P x gw, K times smaller than the task's map).
-template <typename T>
+template <typename T, typename Ops>
 void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
                   int64_t ch0, const Affine<T>& bn, const T* gamma, const T* beta, T eps,
-                  T* chat, T* sigma, T* m, const T* zmean) {
+                  T* chat, T* sigma, T* m, const T* zmean, Ops& ops) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
-  std::vector<T> w(cw), row(cw), mean(gw), inv(gw);
+  std::vector<T> w(cw), mean(gw), inv(gw);
   T* t = reused<T>(0, P * gw);
   ColumnSums<T> zs(cw);
   if (zmean) {  // the channel means, known: one pass over the map less
@@ -329,11 +504,8 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
   }
   ColumnSums<T> ts(gw);
   for (int64_t p = 0; p < P; ++p) {
-    const T* zr = z + p * C;
-#pragma omp simd
-    for (int64_t k = 0; k < cw; ++k) row[k] = w[k] * (zr[k] - zm[k]);
     T* tr = t + p * gw;
-    group_sums(row.data(), tr, gw, K);
+    ops.centred_sums(z + p * C, w.data(), zm, tr);
     T* acc = ts.row();
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) acc[g] += tr[g];
@@ -366,19 +538,7 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
     T* tr = t + p * gw;
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * tr[g] + beta[g]);
-    expand(tr, row.data(), gw, K);
-    const T* zr = z + p * C;
-    T* yr = y + p * C;
-    if (r) {
-      const T* rr = r + p * C;
-#pragma omp simd
-      for (int64_t k = 0; k < cw; ++k) {
-        yr[k] = std::max((zr[k] * a[k] + b[k]) * row[k] + rr[k], T(0));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t k = 0; k < cw; ++k) yr[k] = (zr[k] * a[k] + b[k]) * row[k];
-    }
+    ops.gated(z + p * C, a.data(), b.data(), tr, r ? r + p * C : nullptr, y + p * C);
   }
 }
 
@@ -389,11 +549,11 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
 // per channel; dx. (Folding the second into the first, by sums that dc's per-group
 // coefficients multiply afterwards, measured slower: the first pass is the one that waits on
 // memory, and it grew.)
-template <typename T>
+template <typename T, typename Ops>
 void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P, int64_t C,
                    int64_t K, int64_t gw, int64_t ch0, const Affine<T>& bn, const T* gamma,
                    const T* beta, const T* sd, const T* chat, const T* mk, T eps, T* dw, T* db,
-                   T* sum_dx, T* sum_dxz) {
+                   T* sum_dx, T* sum_dxz, Ops& ops) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
@@ -401,26 +561,11 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
   T* ct = reused<T>(0, P * gw);
   T* s = reused<T>(1, P * gw);
   T* d = reused<T>(2, P * gw);
-  std::vector<T> row(cw), ex(cw);
   std::vector<T> coef(gw), f(gw), mean_da(gw);
   transpose(chat, gw, P, P, ct, gw);
-  for (int64_t p = 0; p < P; ++p) {
-    const T* zr = z + p * C;
-    const T* dyr = dy + p * C;
-    if (yo) {  // as threshold_backward: 0 where yo <= 0
-      const T* yr = yo + p * C;
-      T* gr = dr + p * C;
-#pragma omp simd
-      for (int64_t k = 0; k < cw; ++k) {
-        const T v = yr[k] <= T(0) ? T(0) : dyr[k];
-        gr[k] = v;
-        row[k] = v * (zr[k] * a[k] + b[k]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t k = 0; k < cw; ++k) row[k] = dyr[k] * (zr[k] * a[k] + b[k]);
-    }
-    group_sums(row.data(), d + p * gw, gw, K);
+  for (int64_t p = 0; p < P; ++p) {  // ReLU's backward first with yo, written to dr
+    ops.ds(dy + p * C, yo ? yo + p * C : nullptr, yo ? dr + p * C : nullptr, z + p * C,
+           a.data(), b.data(), d + p * gw);
   }
   ColumnSums<T> da_sum(gw), da_chat(gw);
   for (int64_t p = 0; p < P; ++p) {
@@ -454,31 +599,15 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
     const T* cr = ct + p * gw;
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) dp[g] = f[g] * (dp[g] - mean_da[g] + cr[g] * coef[g]);
-    expand(dp, ex.data(), gw, K);
-    const T* zr = z + p * C;
-    T* acc = dm.row();
-#pragma omp simd
-    for (int64_t k = 0; k < cw; ++k) acc[k] += (zr[k] * a[k] + b[k]) * ex[k];
+    ops.dm(dp, z + p * C, a.data(), b.data(), dm.row());
     dm.done(p, P);
   }
   for (int64_t k = 0; k < cw; ++k) dm.total[k] /= T(P);
   const T* dmk = dm.total.data();
   ColumnSums<T> sdx(cw), sdxz(cw);
   for (int64_t p = 0; p < P; ++p) {
-    expand(s + p * gw, row.data(), gw, K);
-    expand(d + p * gw, ex.data(), gw, K);
-    const T* zr = z + p * C;
-    const T* gr = (yo ? dr : dy) + p * C;
-    T* xr = dx + p * C;
-    T* acc = sdx.row();
-    T* acc2 = sdxz.row();
-#pragma omp simd
-    for (int64_t k = 0; k < cw; ++k) {
-      const T v = gr[k] * row[k] + dmk[k] + mk[k] * ex[k];
-      xr[k] = v;
-      acc[k] += v;
-      acc2[k] += v * zr[k];
-    }
+    ops.dx(s + p * gw, d + p * gw, (yo ? dr : dy) + p * C, z + p * C, dmk, mk, dx + p * C,
+           sdx.row(), sdxz.row());
     sdx.done(p, P);
     sdxz.done(p, P);
   }
@@ -529,10 +658,12 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
     for (int64_t task = begin; task < end; ++task) {
       const Strip sp = st[task];
       const int64_t row = sp.n * groups + sp.g0;
-      forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
-                   sp.g0 * K, bn, wp + sp.g0, bp + sp.g0, eps, keep ? chatp + row * P : nullptr,
-                   keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr,
-                   zmp ? zmp + row * K : nullptr);
+      with_row_ops<T>(K, sp.g1 - sp.g0, [&](auto& ops) {
+        forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
+                     sp.g0 * K, bn, wp + sp.g0, bp + sp.g0, eps,
+                     keep ? chatp + row * P : nullptr, keep ? sigmap + row : nullptr,
+                     keep ? mp + row * K : nullptr, zmp ? zmp + row * K : nullptr, ops);
+      });
     }
   });
 }
@@ -586,11 +717,13 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
     for (int64_t task = begin; task < end; ++task) {
       const Strip sp = st[task];
       const int64_t row = sp.n * groups + sp.g0, at = sp.n * C + sp.g0 * K;
-      backward_rows(dyp + sp.at, yop ? yop + sp.at : nullptr, yop ? drp + sp.at : nullptr,
-                    zp + sp.at, dxp + sp.at, P, C, K, sp.g1 - sp.g0, sp.g0 * K, bn,
-                    wp + sp.g0, bp + sp.g0, sigmap + row, chatp + row * P, mp + row * K, eps,
-                    dwp + row, dbp + row, sump ? sump + at : nullptr,
-                    sump ? sump + N * C + at : nullptr);
+      with_row_ops<T>(K, sp.g1 - sp.g0, [&](auto& ops) {
+        backward_rows(dyp + sp.at, yop ? yop + sp.at : nullptr, yop ? drp + sp.at : nullptr,
+                      zp + sp.at, dxp + sp.at, P, C, K, sp.g1 - sp.g0, sp.g0 * K, bn,
+                      wp + sp.g0, bp + sp.g0, sigmap + row, chatp + row * P, mp + row * K, eps,
+                      dwp + row, dbp + row, sump ? sump + at : nullptr,
+                      sump ? sump + N * C + at : nullptr, ops);
+      });
     }
   });
 }

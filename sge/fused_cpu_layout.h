@@ -138,6 +138,64 @@ inline void expand(const float* src, float* dst, int64_t G, int64_t K) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// The same for float rows in 512-bit registers, 64 channels (four vectors) at a time, for
+// K = 4, 8, 16 or 32 channels per group (64 / K groups): gsum adds each group's lanes (its
+// 64 / K sums in the low lanes, in order), gexpand spreads a vector of per-group values over
+// the channels of vector j, and gload/gstore move the 64 / K group values. The row kernels
+// use them in place of group_sums and expand inside their loops, so no row goes through
+// memory in between.
+struct Lanes {
+  __m512i even, odd, spread[4][4];  // spread[log2(K) - 2][j]
+  Lanes() {
+    alignas(64) int32_t idx[18][16];
+    for (int l = 0; l < 16; ++l) {
+      idx[0][l] = 2 * l, idx[1][l] = 2 * l + 1;
+      for (int k = 0; k < 4; ++k) {
+        for (int j = 0; j < 4; ++j) idx[2 + 4 * k + j][l] = (16 * j + l) >> (k + 2);
+      }
+    }
+    even = _mm512_load_si512(idx[0]), odd = _mm512_load_si512(idx[1]);
+    for (int k = 0; k < 4; ++k) {
+      for (int j = 0; j < 4; ++j) spread[k][j] = _mm512_load_si512(idx[2 + 4 * k + j]);
+    }
+  }
+};
+
+inline const Lanes& lanes() {
+  static const Lanes table;
+  return table;
+}
+
+// Adjacent pairs of the 32 lanes of (a, b) summed: lanes 0-7 from a's, 8-15 from b's.
+inline __m512 pair_sums(__m512 a, __m512 b, const Lanes& L) {
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, L.even, b), _mm512_permutex2var_ps(a, L.odd, b));
+}
+
+template <int K>
+inline __m512 gsum(const __m512 v[4], const Lanes& L) {
+  __m512 q = pair_sums(pair_sums(v[0], v[1], L), pair_sums(v[2], v[3], L), L);  // sums of 4
+  for (int k = 4; k < K; k *= 2) q = pair_sums(q, q, L);
+  return q;
+}
+
+template <int K>
+inline __m512 gexpand(__m512 d, int j, const Lanes& L) {
+  constexpr int level = K == 4 ? 0 : K == 8 ? 1 : K == 16 ? 2 : 3;
+  return _mm512_permutexvar_ps(L.spread[level][j], d);
+}
+
+template <int K>
+inline __m512 gload(const float* src) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (64 / K)) - 1), src);
+}
+
+template <int K>
+inline void gstore(float* dst, __m512 v) {
+  _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << (64 / K)) - 1), v);
+}
+#endif
+
 // How a channels_last map is cut into tasks: a sample's groups [g0, g1), whole samples
 // unless every thread would get fewer than two tasks (small batches); then in multiples of
 // `unit` groups, so that a task's share of a row is whole 64-byte lines where the group size

@@ -172,12 +172,13 @@ def four_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 40, 40, 16), (2, 96, 40, 33, 32)])
+@pytest.mark.parametrize("shape", [(2, 64, 40, 40, 16), (2, 96, 40, 33, 32),
+                                   (2, 256, 12, 10, 64)])
 def test_channels_last_strips(shape, calls, four_threads):
     # Larger maps, and a small batch for the threads: a channels_last sample is cut into
     # strips of whole groups, one task each (here 4 channels per group: strips of 16
-    # channels; 3 per group: of 48, not a whole number of 8-float vectors), and 1320
-    # positions. float64: equal to the reference; float32: within rounding of the float64
+    # channels; 3 per group: of 48, not a whole number of 8-float vectors; 256 channels:
+    # strips of 64, which float32 works on in 512-bit registers), and 1320 positions. float64: equal to the reference; float32: within rounding of the float64
     # result (BN's sums here run over thousands of values, so elementwise rtol 1e-4 is too
     # tight for either implementation).
     _check_tail(shape, torch.float64, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
@@ -203,6 +204,36 @@ def test_channels_last_strips(shape, calls, four_threads):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_channels_last_group_sizes(shape, dtype, calls):
     _check_tail(shape, dtype, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
+
+
+# Rows of whole 64-channel chunks with K = 4, 8, 16 and 32 (64, 16, 8 and 4 groups): on an
+# AVX-512 CPU float32 works on them in 512-bit registers (LaneOps), summing and spreading
+# the groups' lanes by permutes; float64 and other CPUs through row buffers.
+@pytest.mark.parametrize("shape", [(2, 256, 5, 3, 64), (3, 128, 4, 3, 16), (2, 128, 3, 3, 8),
+                                   (2, 128, 2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last_group_lanes(shape, dtype, calls):
+    _check_tail(shape, dtype, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nan_propagates_as_in_reference(channels_last):
+    # A NaN in the map makes its group's statistics NaN: the block's output keeps it through
+    # the ReLU (torch.relu keeps NaN), and ReLU's backward passes dy where the output is NaN
+    # (threshold_backward zeroes only where y <= 0), in every kernel as in the reference.
+    shape = (2, 256, 4, 4, 64)
+    _, _, x, dy = _layer_case(shape, torch.float32, channels_last)
+    x[1, 9, 2, 3] = float("nan")
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    residual = residual.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    (norm, sge), reference = _bn_pair(256, 64, torch.float32, training=False)
+    got = _tail_results((norm, sge), x, residual, dy, fused=True)
+    expect = _tail_results(reference, x, residual, dy, fused=False)
+    assert torch.isnan(expect[0][1, 8:12]).all() and not torch.isnan(expect[0][0]).any()
+    for a, b in zip(got[:3], expect[:3]):  # output, the map's and the residual's gradients
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert_close(a.nan_to_num(), b.nan_to_num(), **_tol(torch.float32))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
