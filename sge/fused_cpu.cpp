@@ -814,23 +814,32 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   const T* zp = z.const_data_ptr<T>();
   std::vector<double> row_mean(N * C), row_m2(N * C);
   if (channels_last) {
+    // Each a sum of P values: blocks of 64 rows summed in T (full-width vectors), each
+    // block's sum added to the total in double (double all along took 1.5-2x the time).
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> m(C), q(C);  // each a sum of P values one at a time: in double
+      std::vector<double> m(C), q(C);
+      std::vector<T> part(C), mt(C);
+      auto block_done = [&](int64_t p, std::vector<double>& total) {
+        if ((p + 1) % 64 != 0 && p + 1 != P) return;
+        for (int64_t c = 0; c < C; ++c) total[c] += part[c], part[c] = T(0);
+      };
       for (int64_t n = begin; n < end; ++n) {
         const T* zn = zp + n * P * C;
         std::fill(m.begin(), m.end(), 0.0);
         std::fill(q.begin(), q.end(), 0.0);
         for (int64_t p = 0; p < P; ++p) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) m[c] += zn[p * C + c];
+          for (int64_t c = 0; c < C; ++c) part[c] += zn[p * C + c];
+          block_done(p, m);
         }
-        for (int64_t c = 0; c < C; ++c) m[c] /= double(P);
+        for (int64_t c = 0; c < C; ++c) m[c] /= double(P), mt[c] = T(m[c]);
         for (int64_t p = 0; p < P; ++p) {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const double d = zn[p * C + c] - m[c];
-            q[c] += d * d;
+            const T d = zn[p * C + c] - mt[c];
+            part[c] += d * d;
           }
+          block_done(p, q);
         }
         std::copy(m.begin(), m.end(), row_mean.begin() + n * C);
         std::copy(q.begin(), q.end(), row_m2.begin() + n * C);
