@@ -4,9 +4,10 @@
 // The CPU counterpart of sge/fused_triton.py: one task per (sample, group) pair works on the
 // group's C/G x H*W tile (contiguous in NCHW, at most a few hundred KB, so it stays in the
 // core's L2 while the passes over it run). channels_last maps are taken as they are and
-// worked on by rows of channels, one task per sample (forward_rows, backward_rows; the row
-// helpers are sge/fused_cpu_layout.h's). Statistics are computed in the input's type
-// (float or double), like the Triton kernels and the reference.
+// worked on by rows of channels, one task per sample (forward_rows, backward_rows; RowOps or
+// LaneOps do the work along a row, with the helpers of sge/fused_cpu_layout.h). Statistics
+// are computed in the input's type (float or double), like the Triton kernels and the
+// reference.
 // Formulas: the module docstring of sge/fused.py. The ops allocate their outputs in their
 // input's layout.
 #include <ATen/Dispatch.h>
@@ -364,8 +365,9 @@ struct RowOps {
 // RowOps for float rows of whole 64-channel chunks, K = 4, 8, 16 or 32, in 512-bit
 // registers (fused_cpu_layout.h's gsum and gexpand): ResNet-50's gated maps, whose rows in
 // the first two stages hold 64 groups of 4 and of 8 channels. Through RowOps' row buffers
-// the first stage's backward took 2.6 ms per call at batch 8, 112 px, one thread, this way
-// 2.1 ms (the second stage's 0.97 and 0.68 ms).
+// the second stage's backward took 0.91-0.96 ms per call at batch 8, 112 px, one thread,
+// this way 0.72-0.76 ms (the first stage's, closer to memory's pace, 2.18-2.29 and
+// 1.94-2.19 ms).
 template <int K>
 struct LaneOps {
   int64_t cw;
@@ -395,8 +397,9 @@ struct LaneOps {
         const int64_t c = c0 + 16 * j;
         const __m512 v = _mm512_mul_ps(x_of(zr, a, b, c), gexpand<K>(gv, j, L));
         // max(0, v) gives v when v is NaN (the second operand), as torch.relu does
-        _mm512_storeu_ps(yr + c, rr ? _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_loadu_ps(rr + c)))
-                                    : v);
+        const __m512 out =
+            rr ? _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_loadu_ps(rr + c))) : v;
+        _mm512_storeu_ps(yr + c, out);
       }
     }
   }
@@ -409,7 +412,8 @@ struct LaneOps {
         const int64_t c = c0 + 16 * j;
         __m512 g = _mm512_loadu_ps(dyr + c);
         if (yr) {  // 0 where yo <= 0 (not where yo is NaN, as threshold_backward)
-          g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(yr + c), zero, _CMP_NLE_UQ), g);
+          const __mmask16 pass = _mm512_cmp_ps_mask(_mm512_loadu_ps(yr + c), zero, _CMP_NLE_UQ);
+          g = _mm512_maskz_mov_ps(pass, g);
           _mm512_storeu_ps(gr + c, g);
         }
         v[j] = _mm512_mul_ps(g, x_of(zr, a, b, c));

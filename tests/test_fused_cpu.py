@@ -178,9 +178,10 @@ def test_channels_last_strips(shape, calls, four_threads):
     # Larger maps, and a small batch for the threads: a channels_last sample is cut into
     # strips of whole groups, one task each (here 4 channels per group: strips of 16
     # channels; 3 per group: of 48, not a whole number of 8-float vectors; 256 channels:
-    # strips of 64, which float32 works on in 512-bit registers), and 1320 positions. float64: equal to the reference; float32: within rounding of the float64
-    # result (BN's sums here run over thousands of values, so elementwise rtol 1e-4 is too
-    # tight for either implementation).
+    # strips of 64, which float32 works on in 512-bit registers), and 1320 positions.
+    # float64: equal to the reference; float32: within rounding of the float64 result (BN's
+    # sums here run over thousands of values, so elementwise rtol 1e-4 is too tight for
+    # either implementation).
     _check_tail(shape, torch.float64, True, 1 if HAS_COMPILER else 0, calls, channels_last=True)
     n, c, h, w, g = shape
     _, _, x, dy = _layer_case(shape, torch.float64, True)
