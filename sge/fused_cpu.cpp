@@ -279,11 +279,13 @@ void backward_tile(const T* dyt, const T* yo, T* dr, const T* zt, T* dxt, int64_
 }
 
 // Per-channel (or per-group) sums down the rows of a channels_last map: float sums of
-// thousands of rows, so each block of 64 rows is summed apart and then added to the total.
-template <typename T>
+// thousands of rows, so each block of 64 rows is summed apart and then added to the total
+// (kept in Total: T, or double for BN's statistics).
+template <typename T, typename Total = T>
 struct ColumnSums {
-  std::vector<T> total, part;
-  explicit ColumnSums(int64_t n) : total(n, T(0)), part(n, T(0)) {}
+  std::vector<Total> total;
+  std::vector<T> part;
+  explicit ColumnSums(int64_t n) : total(n, Total(0)), part(n, T(0)) {}
   T* row() { return part.data(); }
   // After row p of P: every 64 rows, and after the last, the block joins the total.
   void done(int64_t p, int64_t P) {
@@ -827,32 +829,28 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
     // Each a sum of P values: blocks of 64 rows summed in T (full-width vectors), each
     // block's sum added to the total in double (double all along took 1.5-2x the time).
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> m(C), q(C);
-      std::vector<T> part(C), mt(C);
-      auto block_done = [&](int64_t p, std::vector<double>& total) {
-        if ((p + 1) % 64 != 0 && p + 1 != P) return;
-        for (int64_t c = 0; c < C; ++c) total[c] += part[c], part[c] = T(0);
-      };
+      std::vector<T> mt(C);
       for (int64_t n = begin; n < end; ++n) {
         const T* zn = zp + n * P * C;
-        std::fill(m.begin(), m.end(), 0.0);
-        std::fill(q.begin(), q.end(), 0.0);
+        ColumnSums<T, double> m(C), q(C);
         for (int64_t p = 0; p < P; ++p) {
+          T* acc = m.row();
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) part[c] += zn[p * C + c];
-          block_done(p, m);
+          for (int64_t c = 0; c < C; ++c) acc[c] += zn[p * C + c];
+          m.done(p, P);
         }
-        for (int64_t c = 0; c < C; ++c) m[c] /= double(P), mt[c] = T(m[c]);
+        for (int64_t c = 0; c < C; ++c) m.total[c] /= double(P), mt[c] = T(m.total[c]);
         for (int64_t p = 0; p < P; ++p) {
+          T* acc = q.row();
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const T d = zn[p * C + c] - mt[c];
-            part[c] += d * d;
+            acc[c] += d * d;
           }
-          block_done(p, q);
+          q.done(p, P);
         }
-        std::copy(m.begin(), m.end(), row_mean.begin() + n * C);
-        std::copy(q.begin(), q.end(), row_m2.begin() + n * C);
+        std::copy(m.total.begin(), m.total.end(), row_mean.begin() + n * C);
+        std::copy(q.total.begin(), q.total.end(), row_m2.begin() + n * C);
       }
     });
   } else {
