@@ -333,19 +333,34 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
     # bn_training is only kept for the backward; keep: whether a backward will run. With a
     # residual the op is the block's whole tail, relu(SGE(BN(z)) + residual). zmean: z's
     # (N, C) channel means when BN's batch statistics came with them (the C++ kernels).
+    y, stats = _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual,
+                              groups, bn_eps, keep)
+    if stats is None:  # the Triton kernels keep no statistics; the fake agrees
+        return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
+    return y, *stats
+
+
+def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
+                   bn_eps, keep):
+    """``(y, (chat, sigma, m))``, or ``(y, None)`` where the Triton kernels ran (they keep
+    no statistics: their backward recomputes them)."""
+    bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
+    # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
+    # op, and entering the context costs host time on every call.
+    if fused_triton.applies(z, groups):  # the residual's add and ReLU included
+        y = fused_triton.forward(z, bn, weight, bias, groups, residual)
+        if y is None:  # not buildable here (notice given): the same output by PyTorch
+            with _no_autocast(z):
+                y = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
+                                bn_eps, False, residual)[0]
+        return y, None
     with _no_autocast(z):
-        bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
-        # The kernels keep no statistics (their backward recomputes them); the fake agrees.
-        if fused_triton.applies(z, groups):  # the residual's add and ReLU included
-            y = fused_triton.forward(z, bn, weight, bias, groups, residual)
-            if y is None:  # not buildable here (notice given): the same outputs by PyTorch
-                y = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
-                                False, residual)[0]
-            return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
-            return fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean)
-        return sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups, bn_eps,
-                           keep, residual)
+            y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean)
+        else:
+            y, *stats = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
+                                    bn_eps, keep, residual)
+    return y, stats
 
 
 _fused_forward = torch.library.custom_op("sge::fused_forward", mutates_args=(),
@@ -369,26 +384,39 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
                    bn_training: bool, bn_eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # y: the forward's output when it had a residual (ReLU's backward is done here too).
+    # Custom-op outputs cannot be None: empty tensors stand for "no gradient".
+    dz, dres, dweight, dbias, dbn_weight, dbn_bias = _backward_parts(
+        dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
+        bn_eps)
+    if dbn_weight is None:
+        dbn_weight, dbn_bias = _no_grads(dy)
+    return dz, dy.new_empty(0) if dres is None else dres, dweight, dbias, dbn_weight, dbn_bias
+
+
+def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
+                    bn_training, bn_eps):
+    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``; None for the residual's
+    gradient without a residual and for BN's without an affine BN (the C++ kernels' path
+    gives empty tensors there). ``chat, sigma, m``: the forward's statistics, unused where
+    the Triton kernels ran (they kept none)."""
+    bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
+    dres = None
+    triton = fused_triton.applies(dy, weight.shape[1])
+    if triton:  # the kernels recompute the statistics; outside _no_autocast (host time)
+        if y is not None:  # ReLU's backward; the add passes its gradient to both branches
+            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
+        grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1])
+        if grads is not None:
+            return grads[0], dres, *grads[1:]
     with _no_autocast(dy):
-        # The forward's path (the Triton kernels kept no statistics).
-        bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
-        triton = fused_triton.applies(dy, weight.shape[1])
         if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
             return fused_cpu.backward(  # ReLU's backward included; gradients in dy's layout
                 dy, y, z, bn, bn_training, chat, sigma, m, weight, bias)
-        dres = dy.new_empty(0)
-        if y is not None:  # ReLU's backward; the add passes its gradient to both branches
-            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
-        if triton:  # recomputes the statistics
-            grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1])
-            if grads is not None:
-                dz, dweight, dbias, dbn_weight, dbn_bias = grads
-                if dbn_weight is None:
-                    return dz, dres, dweight, dbias, *_no_grads(dy)
-                return dz, dres, dweight, dbias, dbn_weight, dbn_bias
-            # Not buildable here (notice given): the forward kept no statistics either way.
+        if triton:  # not buildable here (notice given): the forward kept no statistics
             _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
                                             weight.shape[1], bn_eps)
+        elif y is not None:  # ReLU's backward, as above
+            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
         dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                   bias, bn_training, bn_eps)
         return dz, dres, *grads
@@ -425,7 +453,7 @@ def _backward_with(op, ctx, dy):
         dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
     if not ctx.residual:
         dresidual = None
-    if dbn_weight.numel() == 0:
+    if dbn_weight is None or dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
     return (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias, dresidual, None, None,
             None, None)
@@ -450,27 +478,37 @@ class _EagerFused(torch.autograd.Function):
     block tails took 1.50 and 1.17 ms before, 0.73 and 0.78 ms after (with the kernels'
     changes of the same session). Compiled graphs still see the opaque ops
     (``FusedSpatialGroupEnhance.forward`` picks): AOTAutograd differentiates them, so only
-    the layer's cheaper, autograd-free part remains there."""
+    the layer's cheaper, autograd-free part remains there.
+
+    Its one output is ``y``; the statistics stay in ``ctx``. As outputs (the custom op's
+    form) they cost, per block and step, three placeholder tensors in the forward (the
+    Triton path keeps no statistics) and three zero-filled gradients that autograd
+    materialized for them in the backward (``aten::zeros``, 21 us each in a profile on the
+    lent H200 machine). With Triton's launches stubbed on a CPU, the tail's host time
+    went from 70 to 56 us (forward) and 203 to 181 us (forward and backward, with the
+    backward's single workspace); the whole-model GPU step did not move measurably
+    (docs/benchmarks.md, "Fourth GPU session")."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
-        ctx.mark_non_differentiable(*output[1:])
-        _setup_context(ctx, inputs, output)
-        z = inputs[0]
+        z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups, _, bn_eps, \
+            keep = inputs
+        y, stats = _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias,
+                                  residual, groups, bn_eps, keep)
+        _setup_context(ctx, inputs, (y, *(stats or (None,) * 3)))
         ctx.channels_last = z.dim() == 4 and not z.is_contiguous() and \
             z.is_contiguous(memory_format=torch.channels_last)
-        return output
+        return y
 
     @staticmethod
-    def backward(ctx, dy, *_stat_grads):
+    def backward(ctx, dy):
         # The ops work, and give their gradients, in dy's layout. In a channels_last model
         # the last stage's dy comes NCHW from the head's pooling: taking it as the maps are
         # (one copy of dy) spares copying z and y to NCHW, and keeps the gradients that flow
         # on channels_last.
         if ctx.channels_last and not dy.is_contiguous(memory_format=torch.channels_last):
             dy = dy.contiguous(memory_format=torch.channels_last)
-        return _backward_with(_backward_impl, ctx, dy)
+        return _backward_with(_backward_parts, ctx, dy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -599,9 +637,10 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         keep = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, *bn, self.weight, self.bias, residual))
-        op = _fused_forward if torch.compiler.is_compiling() else _EagerFused.apply
-        return op(x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args,
-                  keep)[0]
+        args = (x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args, keep)
+        if torch.compiler.is_compiling():
+            return _fused_forward(*args)[0]
+        return _EagerFused.apply(*args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"
