@@ -25,11 +25,13 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import bench_sge_block  # noqa: E402
 import predict  # noqa: E402
+import profile_step  # noqa: E402
 import report  # noqa: E402
 import visualize_sge  # noqa: E402
 SHELL = ["train.sh", "train_multinode.sh", "slurm_train.sbatch", "sweep_groups.sh",
          "eval_released.sh"]
-PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge_block.py"]
+PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge_block.py",
+          "profile_step.py"]
 NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=3)
 
 
@@ -403,3 +405,28 @@ def test_bench_sge_block_times_every_stage(capsys):
     figs = result["ms"]["256x8x8"]
     row = next(line for line in out.splitlines() if line.startswith("fused fwd+bwd"))
     assert f"({figs['fused fwd+bwd'] / figs['resnet fwd+bwd']:.2f}x)" in row
+
+
+def test_gpu_timeline_counts_busy_idle_and_gaps_by_next_kernel():
+    # Hand-computed: b overlaps a? no (gap 2); c overlaps b (adds 5); e lies inside c; d
+    # follows a 5 us gap. Busy 10 + 8 + 5 + 1, idle 2 + 5, listed gaps >= 3 us only.
+    kernels = [("d", 30, 31), ("b", 12, 20), ("a", 0, 10), ("c", 15, 25), ("e", 16, 18)]
+    line = profile_step.gpu_timeline(kernels, min_gap_us=3)
+    assert (line["busy_us"], line["idle_us"], line["span_us"]) == (24, 7, 31)
+    assert line["gaps"] == {"d": [5, 1]}
+    assert profile_step.gpu_timeline(kernels)["gaps"] == {"b": [2, 1], "d": [5, 1]}
+    assert profile_step.gpu_timeline([])["span_us"] == 0
+
+
+def test_profile_step_on_cpu_reports_wall_time_and_writes_traces(capsys, tmp_path):
+    _, out, _ = tool(profile_step, ["--device", "cpu", "--batch", "2", "--img", "32",
+                                    "--amp", "none", "--warmup", "1", "--steps", "1",
+                                    "--rounds", "2", "--profile-steps", "1",
+                                    "--trace", tmp_path], capsys)
+    result = json.loads(out.strip().splitlines()[-1])["models"]
+    assert list(result) == ["resnet50", "sge_resnet50_fused"]
+    for name, figs in result.items():
+        assert figs["wall_ms"] > 0 and figs["kernel_ms"] is None
+        assert json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"]
+    _, _, err = tool(profile_step, ["--variants", "resnet51"], capsys, ok=False)
+    assert "unknown ['resnet51']" in err
