@@ -13,7 +13,9 @@ Whole-model figures are ``scripts/bench_sge.py``'s; this says which stage and wh
 the difference comes from.
 
 Prints one table (milliseconds per call, medians of ``--rounds`` rounds of ``--iters``
-calls; ratios to ResNet's tail) and one JSON line.
+calls; ratios to ResNet's tail), on a GPU a second one with the host's time to issue the
+same calls (where it equals the GPU time, the stage is bound by host time), and one JSON
+line (``ms``, ``host_ms``).
 """
 from __future__ import annotations
 
@@ -75,21 +77,27 @@ class Tail(nn.Module):
 
 
 def _timer(device):
+    """``timed(fn, iters)`` -> ``(ms per call, host ms per call)``: on CUDA the first from
+    events (GPU time), the second the time the host took to issue the calls; where that is
+    as long as the GPU time, the calls are bound by host time. On a CPU both are wall time."""
     if device.type == "cuda":
         def timed(fn, iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
+            host = (time.perf_counter() - t0) * 1e3 / iters
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end) / iters
+            return start.elapsed_time(end) / iters, host
     else:
         def timed(fn, iters):
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
-            return (time.perf_counter() - t0) * 1e3 / iters
+            ms = (time.perf_counter() - t0) * 1e3 / iters
+            return ms, ms
     return timed
 
 
@@ -134,7 +142,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     timed = _timer(device)
-    results = {}
+    results, host = {}, {}
     for channels, down in STAGES:
         side = max(1, args.img // down)
         cases = stage_cases(args, channels, side, device, dtype, fmt)
@@ -144,13 +152,25 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for name, fn in cases.items():
                 times[name].append(timed(fn, args.iters))
-        results[f"{channels}x{side}x{side}"] = {k: statistics.median(v) for k, v in times.items()}
-    names = list(next(iter(results.values())))
+        stage = f"{channels}x{side}x{side}"
+        results[stage] = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
+        host[stage] = {k: statistics.median(h for _, h in v) for k, v in times.items()}
     print(f"batch {args.batch}, {args.dtype}, channels_last={args.channels_last}, "
           f"{args.device}, G={args.groups}; ms per call, medians of {args.rounds} x "
           f"{args.iters}; (ratio to resnet's tail)")
+    _print_table(results)
+    if device.type == "cuda":
+        print("host ms per call (the time to issue the calls; as long as the GPU time above: "
+              "bound by host time)")
+        _print_table(host)
+    print(json.dumps({"config": vars(args), "ms": results, "host_ms": host}))
+    return 0
+
+
+def _print_table(results: dict) -> None:
+    """One row per case, one column per stage; SGE cases with their ratio to ResNet's."""
     print(f"{'':<22}" + "".join(f"{stage:>20}" for stage in results))
-    for name in names:
+    for name in next(iter(results.values())):
         kind, _, part = name.partition(" ")
         cells = []
         for figs in results.values():
@@ -158,8 +178,6 @@ def main(argv=None) -> int:
                      if kind in ("fused", "reference") else "")
             cells.append(f"{figs[name]:.3f}{ratio}".rjust(20))
         print(f"{name:<22}" + "".join(cells))
-    print(json.dumps({"config": vars(args), "ms": results}))
-    return 0
 
 
 if __name__ == "__main__":
