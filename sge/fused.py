@@ -30,8 +30,9 @@ so SGE's extra passes over a chunk read the last-level cache instead of memory. 
 also does BN's (with the batch statistics or the running ones) in two sweeps: per-channel
 sums of dx and dx * z while each dx chunk is in cache, then dz in place. Every statistic
 is per sample, so chunks are independent. On GPUs one chunk is the whole batch, and
-``sge/fused_triton.py`` takes over where it applies: it keeps no statistics at all (its
-backward recomputes them) and does BN's backward too. On CPU, float32/float64 maps go to
+``sge/fused_triton.py`` takes over where it applies: it keeps no full-size statistics (its
+backward recomputes them; the chunked kernels keep per-sample ones, C/G * H*W times smaller
+than the map) and does BN's backward too. On CPU, float32/float64 maps go to
 the C++ kernels of ``sge/fused_cpu.py`` (one task per sample and group, built on first use);
 these chunks are their fallback and the path of half-precision maps.
 
@@ -335,25 +336,29 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
     # (N, C) channel means when BN's batch statistics came with them (the C++ kernels).
     y, stats = _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual,
                               groups, bn_eps, keep)
-    if stats is None:  # the Triton kernels keep no statistics; the fake agrees
+    if stats is None:  # the Triton kernels kept no statistics; the fake agrees
         return y, *(z.new_empty(0, dtype=torch.float32) for _ in range(3))
     return y, *stats
 
 
 def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
                    bn_eps, keep):
-    """``(y, (chat, sigma, m))``, or ``(y, None)`` where the Triton kernels ran (they keep
-    no statistics: their backward recomputes them)."""
+    """``(y, (chat, sigma, m))``, or ``(y, None)`` where the Triton kernels kept no
+    statistics (their backward recomputes them). The chunked ones keep theirs as
+    ``(empty, (N, G, 2) mean and std of c, (N, C) channel means of z - mean)``."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
     # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
     # op, and entering the context costs host time on every call.
     if fused_triton.applies(z, groups):  # the residual's add and ReLU included
-        y = fused_triton.forward(z, bn, weight, bias, groups, residual)
-        if y is None:  # not buildable here (notice given): the same output by PyTorch
+        out = fused_triton.forward(z, bn, weight, bias, groups, residual, keep)
+        if out is None:  # not buildable here (notice given): the same output by PyTorch
             with _no_autocast(z):
                 y = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
                                 bn_eps, False, residual)[0]
-        return y, None
+            return y, None
+        y, kept = out  # the chunked kernels' statistics: in the (sigma, m) slots
+        return y, None if kept is None else (z.new_empty(0, dtype=torch.float32), kept[1],
+                                             kept[0])
     with _no_autocast(z):
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
             y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean)
@@ -373,6 +378,10 @@ def _(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups, b
     n, c, h, w = z.shape
     ct = _compute_dtype(z.dtype)
     if not keep or fused_triton.applies(z, groups):
+        if keep and fused_triton.keeps_statistics(z, groups):  # _forward_parts' layout
+            return (torch.empty_like(z), z.new_empty(0, dtype=torch.float32),
+                    z.new_empty((n, groups, 2), dtype=torch.float32),
+                    z.new_empty((n, c), dtype=torch.float32))
         return (torch.empty_like(z), *(z.new_empty(0, dtype=ct) for _ in range(3)))
     return (torch.empty_like(z), z.new_empty((n, groups, h * w), dtype=ct),
             z.new_empty((n, groups, 1), dtype=ct), z.new_empty((n, groups, c // groups), dtype=ct))
@@ -397,22 +406,24 @@ def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, wei
                     bn_training, bn_eps):
     """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``; None for the residual's
     gradient without a residual and for BN's without an affine BN (the C++ kernels' path
-    gives empty tensors there). ``chat, sigma, m``: the forward's statistics, unused where
-    the Triton kernels ran (they kept none)."""
+    gives empty tensors there). ``chat, sigma, m``: the forward's statistics (from the
+    Triton kernels, those of the chunked ones, or none)."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
     dres = None
     triton = fused_triton.applies(dy, weight.shape[1])
-    if triton:  # the kernels recompute the statistics; outside _no_autocast (host time)
+    if triton:  # outside _no_autocast (host time)
         if y is not None:  # ReLU's backward; the add passes its gradient to both branches
             dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
-        grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1])
+        kept = (m, sigma) if m is not None and m.numel() else None  # the chunked kernels'
+        grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1],
+                                      kept)
         if grads is not None:
             return grads[0], dres, *grads[1:]
     with _no_autocast(dy):
         if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
             return fused_cpu.backward(  # ReLU's backward included; gradients in dy's layout
                 dy, y, z, bn, bn_training, chat, sigma, m, weight, bias)
-        if triton:  # not buildable here (notice given): the forward kept no statistics
+        if triton:  # not buildable here (notice given): the PyTorch path's statistics
             _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
                                             weight.shape[1], bn_eps)
         elif y is not None:  # ReLU's backward, as above

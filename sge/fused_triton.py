@@ -13,8 +13,11 @@ BN's backward. Same formula and derivation as the module docstring of ``sge/fuse
 Channels_last maps with narrow groups (under 32 bytes of a group per position: ResNet-50's
 first two stages) take chunked kernels instead (``_narrow_block``): a program takes several
 whole groups of a sample, so its loads are whole sectors, and sweeps the positions in
-chunks, merging the statistics; it reads z three (forward) or four times (backward) instead
-of once, and was still 1.8-2x faster than the tile kernels at the first stage on an H100.
+chunks, merging the statistics; it reads z three times in the forward instead of once,
+and was still 1.8-2x faster than the tile kernels at the first stage on an H100. Their
+forward keeps each sample's per-channel and per-group statistics (C/G * H*W times smaller
+than the map), so that their backward reads z twice instead of four times (not yet timed on
+a GPU: the tests and an sm_90 compile ran in CI).
 
 The tile has to fit in registers: up to ``MAX_TILE`` elements after padding to powers of
 two, which covers ResNets at 224-256 px with G=64 (largest tile 4 x 56*56). Larger tiles,
@@ -191,16 +194,27 @@ def _narrow_block(z: Tensor, groups: int) -> int:
     return block if block >= k and c % block == 0 else 0
 
 
+def keeps_statistics(z: Tensor, groups: int) -> bool:
+    """Whether ``forward(..., keep=True)`` keeps statistics for the backward: the chunked
+    kernels do (their backward would sweep z twice more to recompute them), the tile
+    kernels do not (the tile is in registers anyway)."""
+    return bool(_narrow_block(_dense(z), groups))
+
+
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
-            residual: Tensor | None = None) -> Tensor | None:
+            residual: Tensor | None = None, keep: bool = False):
     """SGE's output for its input ``x = BN(z)`` with ``bn = (mean, var, bn_weight, bn_bias,
     eps)`` (bn_weight/bn_bias may be None), or ``x = z`` with ``bn`` None; with a
     ``residual``, the block's tail ``relu(SGE(x) + residual)`` in the same write (ResNet's
     add and ReLU are two more passes over the map). BN is applied in the kernel, so ``x``
-    is never stored, and no statistic is kept: the backward kernel recomputes them from z
-    (its tile is in registers anyway), which saves writing and reading chat, a float32
-    (N, G, H*W) per block (half a bfloat16 feature map at C/G = 4). None where the kernel
-    cannot be built here (``_launch``).
+    is never stored, nor is chat, a float32 (N, G, H*W) per block (half a bfloat16 feature
+    map at C/G = 4): the tile kernels' backward recomputes every statistic from its tile.
+
+    Returns ``(y, kept)``, or None where the kernel cannot be built here (``_launch``).
+    ``kept``: with ``keep`` (a backward will run) and the chunked kernels
+    (``keeps_statistics``), each sample's channel means of z - mean, (N, C), and its groups'
+    mean and std of c, (N, G, 2), in float32, C/G * H*W times smaller than the map, which
+    spare the chunked backward two of its four sweeps over z; else None.
     """
     z = _dense(z)
     n, c, h, w = z.shape
@@ -209,23 +223,27 @@ def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int,
     res = z if residual is None else _dense(residual, like=z)
     bn_ptrs, bn_eps, has_bn, affine = _bn_args(bn, z)
     block, k = _narrow_block(z, groups), c // groups
+    kept = None
     if block:
+        if keep:
+            kept = (torch.empty((n, c), dtype=torch.float32, device=z.device),
+                    torch.empty((n, groups, 2), dtype=torch.float32, device=z.device))
         built = _launch(
-            "_narrow_forward_kernel", (n * (c // block),), z, res, y, *bn_ptrs, weight, bias, c,
-            h * w, *_strides(z), bn_eps, EPS, float(max(h * w - 1, 1)), HAS_BN=has_bn,
-            AFFINE=affine, HAS_RES=residual is not None, BLOCK_K=k, GB=block // k,
-            BLOCK_Q=NARROW_FORWARD_POSITIONS, num_warps=4)
+            "_narrow_forward_kernel", (n * (c // block),), z, res, y, *bn_ptrs, weight, bias,
+            *(kept or (y, y)), c, h * w, *_strides(z), bn_eps, EPS, float(max(h * w - 1, 1)),
+            HAS_BN=has_bn, AFFINE=affine, HAS_RES=residual is not None, KEEP=keep,
+            BLOCK_K=k, GB=block // k, BLOCK_Q=NARROW_FORWARD_POSITIONS, num_warps=4)
     else:
         grid, meta = _launch_args(z, groups, 2048)
         built = _launch(
             "_forward_kernel", grid, z, res, y, *bn_ptrs, weight, bias, groups, c // groups,
             h * w, *_strides(z), bn_eps, EPS, float(max(h * w - 1, 1)), HAS_BN=has_bn,
             AFFINE=affine, HAS_RES=residual is not None, **meta)
-    return y if built else None
+    return (y, kept) if built else None
 
 
 def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias: Tensor,
-             groups: int):
+             groups: int, kept=None):
     """``(dz, dweight, dbias, dbn_weight, dbn_bias)``: the gradients of SGE(BN(z)) (``bn`` as
     ``forward``'s; with batch statistics when ``bn_training``), the BN ones None without an
     affine BN; ``dz`` is the gradient with respect to x when ``bn`` is None.
@@ -239,7 +257,9 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     kernel 2x slower at ResNet-50's first two stages (an H100, bf16, batch 128: 4.55 against
     2.28 ms at 256 x 56 x 56 NHWC), one more tile live in registers.
 
-    None where a kernel cannot be built here (``_launch``).
+    ``kept``: the forward's (``forward``), used where the chunked backward runs and their
+    shapes fit (else the statistics are recomputed). None where a kernel cannot be built
+    here (``_launch``).
     """
     dy = _dense(dy)
     if z.stride() != dy.stride():
@@ -258,11 +278,12 @@ def backward(dy: Tensor, z: Tensor, bn, bn_training: bool, weight: Tensor, bias:
     coef, sums, dparams = work[:c4], work[c4:c4 + nc2], work[c4 + nc2:].view(2, n, groups)
     block = _narrow_block(z, groups)
     if block:
+        saved = kept is not None and kept[0].shape == (n, c) and kept[1].shape == (n, groups, 2)
         built = _launch(
             "_narrow_backward_kernel", (n * (c // block),), dy, z, dx, *bn_ptrs, weight, bias,
-            dparams, sums, n, c, p, *_strides(z), bn_eps, EPS, float(max(p - 1, 1)),
-            HAS_BN=has_bn, AFFINE=affine, BLOCK_K=k, GB=block // k,
-            BLOCK_Q=NARROW_BACKWARD_POSITIONS, num_warps=4)
+            *(kept if saved else (dparams, dparams)), dparams, sums, n, c, p, *_strides(z),
+            bn_eps, EPS, float(max(p - 1, 1)), HAS_BN=has_bn, AFFINE=affine, SAVED=saved,
+            BLOCK_K=k, GB=block // k, BLOCK_Q=NARROW_BACKWARD_POSITIONS, num_warps=4)
     else:
         grid, meta = _launch_args(z, groups, 2048 if dy.is_contiguous() else 1024)
         built = _launch(
@@ -526,22 +547,33 @@ if triton is not None:
         return chat, tl.sigmoid(gamma[:, None] * chat + gbeta[:, None])
 
     @triton.jit
-    def _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P, s_n,
-                        s_c, s_p, bn_eps, dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+    def _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, zbar_ptr,
+                        cs_ptr, C, P, s_n, s_c, s_p, bn_eps, dof, HAS_BN: tl.constexpr,
+                        AFFINE: tl.constexpr, SAVED: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GB: tl.constexpr, BLOCK_Q: tl.constexpr):
         """This program's sample n, its offset, channels cc and groups gg; BN's per-channel
-        (mean, scale, beta); ``_narrow_statistics``; and SGE's gamma and beta per group."""
+        (mean, scale, beta); ``_narrow_statistics``, or with SAVED the forward's (zbar per
+        channel, c's mean and std per group, from ``_keep_statistics``); SGE's gamma and
+        beta per group."""
         blocks = C // (GB * BLOCK_K)
         n = tl.program_id(0) // blocks
         c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
         sample = n.to(tl.int64) * s_n
         cc = c0 + tl.arange(0, GB * BLOCK_K)
+        gg = c0 // BLOCK_K + tl.arange(0, GB)
         mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
                                          bn_eps, HAS_BN, AFFINE)
-        m, zbar, w, cmean, sigma = _narrow_statistics(z_ptr + sample, cc, C, P, s_c, s_p,
-                                                      mean, scale, beta, dof, GB, BLOCK_K,
-                                                      BLOCK_Q)
-        gg = c0 // BLOCK_K + tl.arange(0, GB)
+        if SAVED:
+            zbar = tl.load(zbar_ptr + n.to(tl.int64) * C + cc)
+            rows = (n.to(tl.int64) * (C // BLOCK_K) + gg) * 2
+            cmean = tl.load(cs_ptr + rows)
+            sigma = tl.load(cs_ptr + rows + 1)
+            m = zbar * scale + beta
+            w = m * scale
+        else:
+            m, zbar, w, cmean, sigma = _narrow_statistics(z_ptr + sample, cc, C, P, s_c, s_p,
+                                                          mean, scale, beta, dof, GB, BLOCK_K,
+                                                          BLOCK_Q)
         gamma = tl.load(w_ptr + gg).to(tl.float32)
         gbeta = tl.load(b_ptr + gg).to(tl.float32)
         return n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta
@@ -561,13 +593,22 @@ if triton is not None:
 
     @triton.jit
     def _narrow_forward_kernel(z_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-                               w_ptr, b_ptr, C, P, s_n, s_c, s_p, bn_eps, eps, dof,
-                               HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
-                               HAS_RES: tl.constexpr, BLOCK_K: tl.constexpr,
-                               GB: tl.constexpr, BLOCK_Q: tl.constexpr):
+                               w_ptr, b_ptr, zbar_ptr, cs_ptr, C, P, s_n, s_c, s_p, bn_eps,
+                               eps, dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                               HAS_RES: tl.constexpr, KEEP: tl.constexpr,
+                               BLOCK_K: tl.constexpr, GB: tl.constexpr,
+                               BLOCK_Q: tl.constexpr):
+        """With KEEP, also stores each sample's channel means of z - mean (zbar, (N, C)) and
+        its groups' mean and std of c ((N, G, 2)), for the backward (SAVED)."""
         n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta = (
-            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P,
-                            s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, BLOCK_K, GB, BLOCK_Q))
+            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, zbar_ptr,
+                            cs_ptr, C, P, s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, False,
+                            BLOCK_K, GB, BLOCK_Q))
+        if KEEP:  # C is a multiple of GB * BLOCK_K (_narrow_block): no mask
+            tl.store(zbar_ptr + n.to(tl.int64) * C + cc, zbar)
+            rows = (n.to(tl.int64) * (C // BLOCK_K) + gg) * 2
+            tl.store(cs_ptr + rows, cmean)
+            tl.store(cs_ptr + rows + 1, sigma)
         for q0 in range(0, P, BLOCK_Q):  # y and the residual have z's strides
             zc, offs, mask, on = _chunk(z_ptr + sample, cc, q0, C, P, s_c, s_p, mean, BLOCK_Q)
             chat, gate = _narrow_gate(zc, w, cmean, sigma, gamma, gbeta, on, eps, GB, BLOCK_K,
@@ -581,18 +622,21 @@ if triton is not None:
 
     @triton.jit
     def _narrow_backward_kernel(dy_ptr, z_ptr, dx_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-                                w_ptr, b_ptr, dparams_ptr, sums_ptr, N, C, P, s_n, s_c, s_p,
-                                bn_eps, eps, dof, HAS_BN: tl.constexpr, AFFINE: tl.constexpr,
+                                w_ptr, b_ptr, zbar_ptr, cs_ptr, dparams_ptr, sums_ptr, N, C, P,
+                                s_n, s_c, s_p, bn_eps, eps, dof, HAS_BN: tl.constexpr,
+                                AFFINE: tl.constexpr, SAVED: tl.constexpr,
                                 BLOCK_K: tl.constexpr, GB: tl.constexpr,
                                 BLOCK_Q: tl.constexpr):
         """``_backward_kernel``'s outputs, same layouts. The sweep after the statistics sums
         da and da * chat per group, and per channel the products of zd = zc - zbar with da
         and with chat: since sum_p dc_p = 0, sum_p zc_kp dc_p = sum_p zd_kp dc_p, which is
         gamma / (sigma + eps) * (sum zd da + coef * sum zd chat). The last sweep writes dx
-        and BN's channel sums."""
+        and BN's channel sums. With SAVED the statistics come from the forward (two sweeps
+        over z fewer: two instead of four)."""
         n, sample, cc, gg, mean, scale, beta, m, zbar, w, cmean, sigma, gamma, gbeta = (
-            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, C, P,
-                            s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, BLOCK_K, GB, BLOCK_Q))
+            _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, zbar_ptr,
+                            cs_ptr, C, P, s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, SAVED,
+                            BLOCK_K, GB, BLOCK_Q))
         da_sum = tl.zeros((GB,), tl.float32)
         da_chat = tl.zeros((GB,), tl.float32)
         zd_da = tl.zeros((GB * BLOCK_K,), tl.float32)

@@ -59,15 +59,19 @@ _COMPILED = [
     ("_forward_kernel", dict(HAS_BN=False, AFFINE=False, HAS_RES=False, BLOCK_K=32, BLOCK_P=64)),
     ("_backward_kernel", dict(HAS_BN=True, AFFINE=False, BLOCK_K=16, BLOCK_P=256)),
     ("_backward_kernel", dict(HAS_BN=False, AFFINE=False, BLOCK_K=4, BLOCK_P=4096)),
-    ("_narrow_forward_kernel", dict(HAS_BN=True, AFFINE=True, HAS_RES=True, BLOCK_K=4, GB=16,
-                                    BLOCK_Q=64)),
-    ("_narrow_forward_kernel", dict(HAS_BN=False, AFFINE=False, HAS_RES=False, BLOCK_K=8,
-                                    GB=8, BLOCK_Q=64)),
-    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, BLOCK_K=4, GB=16, BLOCK_Q=128)),
-    ("_narrow_backward_kernel", dict(HAS_BN=False, AFFINE=False, BLOCK_K=8, GB=8,
+    ("_narrow_forward_kernel", dict(HAS_BN=True, AFFINE=True, HAS_RES=True, KEEP=True,
+                                    BLOCK_K=4, GB=16, BLOCK_Q=64)),
+    ("_narrow_forward_kernel", dict(HAS_BN=False, AFFINE=False, HAS_RES=False, KEEP=False,
+                                    BLOCK_K=8, GB=8, BLOCK_Q=64)),
+    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, SAVED=True, BLOCK_K=4, GB=16,
+                                     BLOCK_Q=128)),
+    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, SAVED=False, BLOCK_K=4, GB=16,
+                                     BLOCK_Q=128)),
+    ("_narrow_backward_kernel", dict(HAS_BN=False, AFFINE=False, SAVED=False, BLOCK_K=8, GB=8,
                                      BLOCK_Q=128)),
     # one channel per group (ResNet-18/34's first stage at G=64): groups of size 1 reshaped
-    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, BLOCK_K=1, GB=64, BLOCK_Q=128)),
+    ("_narrow_backward_kernel", dict(HAS_BN=True, AFFINE=True, SAVED=True, BLOCK_K=1, GB=64,
+                                     BLOCK_Q=128)),
     ("_finish_kernel", dict(HAS_BN=True, TRAINING=True, AFFINE=True, BLOCK_N=32, BLOCK_C=128)),
     ("_finish_kernel", dict(HAS_BN=False, TRAINING=False, AFFINE=False, BLOCK_N=2, BLOCK_C=64)),
     ("_bn_input_grad_kernel", dict(WIDE=True, BLOCK=1024)),
@@ -271,6 +275,80 @@ def test_narrow_group_kernels_match_reference(monkeypatch, training, positions):
     _tail_matches_reference(ref, fused, shape, fmt)
     for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
         assert_close(b, a.to(b.dtype), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_kernels
+def test_chunked_kernels_keep_their_statistics_for_the_backward(monkeypatch):
+    # With keep, the chunked forward keeps each sample's channel means of z - mean and its
+    # groups' mean and std of c; the backward with them gives what it gives recomputing them
+    # (float32 rounding apart: the sweeps merge other chunks), and changed ones change it
+    # (they are used). The kept std against the reference's std of c, in float64.
+    monkeypatch.setattr(fused_triton, "NARROW_CHANNELS", 16)
+    torch.manual_seed(5)
+    shape, g = (3, 32, 7, 9), 8
+    z, res, dy = (torch.randn(shape).to(DEVICE, memory_format=torch.channels_last)
+                  for _ in range(3))
+    z = z * 2 + 3
+    bn = (torch.randn(32, device=DEVICE), torch.rand(32, device=DEVICE) + 0.5,
+          torch.randn(32, device=DEVICE), torch.randn(32, device=DEVICE), 1e-5)
+    weight, bias = (torch.randn(1, g, 1, 1, device=DEVICE) for _ in range(2))
+    assert fused_triton.keeps_statistics(z, g)
+    y, kept = fused_triton.forward(z, bn, weight, bias, g, res, keep=True)
+    y_only, none = fused_triton.forward(z, bn, weight, bias, g, res)
+    assert none is None and torch.equal(y, y_only)
+    assert kept[0].shape == (3, 32) and kept[1].shape == (3, g, 2)
+    zc = z.double() - bn[0].double().view(1, -1, 1, 1)
+    assert_close(kept[0].double(), zc.mean((2, 3)), rtol=1e-5, atol=1e-5)
+    x = zc / (bn[1].double() + 1e-5).sqrt().view(1, -1, 1, 1) * bn[2].double().view(
+        1, -1, 1, 1) + bn[3].double().view(1, -1, 1, 1)
+    xg = x.reshape(3, g, 4, 63)
+    c = (xg * xg.mean(3, keepdim=True)).sum(2)
+    assert_close(kept[1][..., 1].double(), c.std(2), rtol=1e-4, atol=1e-5)
+    with_kept = fused_triton.backward(dy, z, bn, True, weight, bias, g, kept)
+    recomputed = fused_triton.backward(dy, z, bn, True, weight, bias, g)
+    for a, b in zip(with_kept, recomputed):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    changed = fused_triton.backward(dy, z, bn, True, weight, bias, g, (kept[0] + 1, kept[1]))
+    assert not torch.allclose(changed[0], with_kept[0], rtol=1e-3, atol=1e-3)
+    # NCHW maps take the tile kernels, which keep nothing.
+    nchw = z.contiguous()
+    assert not fused_triton.keeps_statistics(nchw, g)
+    assert fused_triton.forward(nchw, bn, weight, bias, g, res.contiguous(), keep=True)[1] \
+        is None
+
+
+@needs_kernels
+def test_chunked_kernels_under_compile(monkeypatch):
+    # torch.compile traces the ops with their fakes: those must promise the kept statistics'
+    # shapes (opcheck compares fake and real outputs; Inductor itself did not notice a
+    # wrong one here), and the compiled tail gives the eager one's output and gradients.
+    monkeypatch.setattr(fused_triton, "NARROW_CHANNELS", 16)
+    _, fused = _norm_blocks(32, 8, True, True)
+    x, residual, dy = (torch.randn(3, 32, 7, 9).to(DEVICE, memory_format=torch.channels_last)
+                       for _ in range(3))
+    bn, se = fused.bn, fused.se
+    params = (bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var)
+    for keep in (True, False):
+        args = (x, *params, None, se.weight.detach(), se.bias.detach(), residual, 8, True,
+                bn.eps, keep)
+        torch.library.opcheck(torch.ops.sge.fused_forward.default, args,
+                              test_utils=("test_faketensor",))
+    y, chat, sigma, m = torch.ops.sge.fused_forward(*args[:-1], True)
+    assert sigma.shape == (3, 8, 2) and m.shape == (3, 32)
+    torch.library.opcheck(
+        torch.ops.sge.fused_backward.default,
+        (dy, y, x, *params, chat, sigma, m, se.weight.detach(), se.bias.detach(), True, bn.eps),
+        test_utils=("test_faketensor",))
+
+    def tail(z, r):
+        return fused.se(fused.bn(z), residual=r)
+    out = []
+    for fn in (tail, torch.compile(tail, fullgraph=True)):
+        z = (x * 2 + 3).requires_grad_()
+        y = fn(z, residual)
+        out.append((y, *torch.autograd.grad(y, [z, *fused.parameters()], dy)))
+    for a, b in zip(*out):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
