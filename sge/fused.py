@@ -409,28 +409,26 @@ def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, wei
     gives empty tensors there). ``chat, sigma, m``: the forward's statistics (from the
     Triton kernels, those of the chunked ones, or none)."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
-    dres = None
     triton = fused_triton.applies(dy, weight.shape[1])
+    if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
+        with _no_autocast(dy):  # ReLU's backward included; gradients in dy's layout
+            return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight, bias)
+    dres = None
+    if y is not None:  # ReLU's backward; the add passes its gradient to both branches
+        dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
     if triton:  # outside _no_autocast (host time)
-        if y is not None:  # ReLU's backward; the add passes its gradient to both branches
-            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
         kept = (m, sigma) if m is not None and m.numel() else None  # the chunked kernels'
         grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1],
                                       kept)
         if grads is not None:
             return grads[0], dres, *grads[1:]
     with _no_autocast(dy):
-        if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
-            return fused_cpu.backward(  # ReLU's backward included; gradients in dy's layout
-                dy, y, z, bn, bn_training, chat, sigma, m, weight, bias)
         if triton:  # not buildable here (notice given): the PyTorch path's statistics
             _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
                                             weight.shape[1], bn_eps)
-        elif y is not None:  # ReLU's backward, as above
-            dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
         dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                   bias, bn_training, bn_eps)
-        return dz, dres, *grads
+    return dz, dres, *grads
 
 
 _fused_backward = torch.library.custom_op("sge::fused_backward", mutates_args=(),

@@ -547,14 +547,22 @@ if triton is not None:
         return chat, tl.sigmoid(gamma[:, None] * chat + gbeta[:, None])
 
     @triton.jit
+    def _kept_offsets(n, cc, gg, C, BLOCK_K: tl.constexpr):
+        """Offsets of sample n's kept statistics: its channels cc in zbar (N, C) and, in
+        (N, G, 2), the rows of its groups gg (mean of c, then std). No mask: C is a multiple
+        of a program's channels (``_narrow_block``)."""
+        channels = n.to(tl.int64) * C + cc
+        return channels, (n.to(tl.int64) * (C // BLOCK_K) + gg) * 2
+
+    @triton.jit
     def _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, zbar_ptr,
                         cs_ptr, C, P, s_n, s_c, s_p, bn_eps, dof, HAS_BN: tl.constexpr,
                         AFFINE: tl.constexpr, SAVED: tl.constexpr, BLOCK_K: tl.constexpr,
                         GB: tl.constexpr, BLOCK_Q: tl.constexpr):
         """This program's sample n, its offset, channels cc and groups gg; BN's per-channel
         (mean, scale, beta); ``_narrow_statistics``, or with SAVED the forward's (zbar per
-        channel, c's mean and std per group, from ``_keep_statistics``); SGE's gamma and
-        beta per group."""
+        channel, c's mean and std per group, kept by ``_narrow_forward_kernel``); SGE's
+        gamma and beta per group."""
         blocks = C // (GB * BLOCK_K)
         n = tl.program_id(0) // blocks
         c0 = tl.program_id(0) % blocks * (GB * BLOCK_K)
@@ -564,8 +572,8 @@ if triton is not None:
         mean, scale, beta = _bn_channels(cc, cc < C, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
                                          bn_eps, HAS_BN, AFFINE)
         if SAVED:
-            zbar = tl.load(zbar_ptr + n.to(tl.int64) * C + cc)
-            rows = (n.to(tl.int64) * (C // BLOCK_K) + gg) * 2
+            channels, rows = _kept_offsets(n, cc, gg, C, BLOCK_K)
+            zbar = tl.load(zbar_ptr + channels)
             cmean = tl.load(cs_ptr + rows)
             sigma = tl.load(cs_ptr + rows + 1)
             m = zbar * scale + beta
@@ -604,9 +612,9 @@ if triton is not None:
             _narrow_program(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, w_ptr, b_ptr, zbar_ptr,
                             cs_ptr, C, P, s_n, s_c, s_p, bn_eps, dof, HAS_BN, AFFINE, False,
                             BLOCK_K, GB, BLOCK_Q))
-        if KEEP:  # C is a multiple of GB * BLOCK_K (_narrow_block): no mask
-            tl.store(zbar_ptr + n.to(tl.int64) * C + cc, zbar)
-            rows = (n.to(tl.int64) * (C // BLOCK_K) + gg) * 2
+        if KEEP:
+            channels, rows = _kept_offsets(n, cc, gg, C, BLOCK_K)
+            tl.store(zbar_ptr + channels, zbar)
             tl.store(cs_ptr + rows, cmean)
             tl.store(cs_ptr + rows + 1, sigma)
         for q0 in range(0, P, BLOCK_Q):  # y and the residual have z's strides
