@@ -24,12 +24,27 @@ Prints a table, then as its last line one JSON object with every figure and the 
 their steps (rotating order), ``repeats * steps`` rounds. On a VM whose speed differs from
 process to process (here +-5-10%, more than the effects measured), this separates what the
 models cost from where each process happened to land; peak memory is not measured there.
+
+Each time ratio also gets a 95% interval (``..._ratio_ci`` in the JSON): a paired bootstrap
+over the rounds (``--same-process``) or repeats, resampling whole rounds so that both
+models' steps from the same stretch of time stay together. Whether a ratio is under a
+target such as issue 5's 1.03x is a question for the interval's upper end: on this 2-core
+VM single steps of the same model vary by up to 10% (conv weight copies that take 1 to
+28 ms; docs/benchmarks.md, "CPU, thirteenth session").
+
+On a GPU, ``--cuda-graph`` captures each model's whole step (forward, backward, SGD) as one
+CUDA graph and times its replays: the GPU's own time for the step, with no host time in
+it. Against the plain run this says how much of a ratio is the host issuing work (the
+fused SGE's step waited on the host on an H200; docs/benchmarks.md, "Fourth GPU
+session"). ``--compile-mode`` passes a mode to ``torch.compile`` (``reduce-overhead``
+also uses CUDA graphs, through Inductor).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import resource
 import signal
 import statistics
@@ -80,8 +95,23 @@ def parse_args(argv=None):
     ap.add_argument("--same-process", action="store_true",
                     help="all models in one process per measurement, steps alternating "
                          "(no per-process spread; peak memory not measured)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="GPU only: capture each eager step as one CUDA graph and time its "
+                         "replays (no host time); not with float16 AMP (GradScaler syncs)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --measure compiled (e.g. reduce-overhead, "
+                         "max-autotune-no-cudagraphs); default: torch's default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.cuda_graph:
+        if args.device.split(":")[0] != "cuda":
+            ap.error("--cuda-graph needs --device cuda: CUDA graphs record GPU work")
+        if args.amp == "float16":
+            ap.error("--cuda-graph: float16 AMP's GradScaler reads its inf check on the host "
+                     "every step, which a CUDA graph cannot capture; use --amp bfloat16")
+        if "compiled" in args.measure.split(","):
+            ap.error("--cuda-graph captures eager steps; for compiled ones use "
+                     "--compile-mode reduce-overhead")
     for name, allowed in (("measure", MEASURES), ("variants", VARIANTS)):
         chosen = getattr(args, name).split(",")
         bad = [c for c in chosen if c not in allowed]
@@ -129,9 +159,12 @@ def _step_fn(spec: dict, variant: str, env: SimpleNamespace):
     model = models.create_model(name, **kwargs).to(env.device, memory_format=env.fmt)
     train = spec["measure"] != "infer"
     model.train(train)
-    net = torch.compile(model) if spec["measure"] == "compiled" else model
+    net = model
+    if spec["measure"] == "compiled":
+        net = torch.compile(model, mode=spec.get("compile_mode"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(env.device.type, enabled=spec["amp"] == "float16")
+    graphed = spec.get("cuda_graph", False)
 
     def step():
         if not train:
@@ -140,11 +173,33 @@ def _step_fn(spec: dict, variant: str, env: SimpleNamespace):
             return
         with autocast:
             loss = torch.nn.functional.cross_entropy(net(x), labels)
-        opt.zero_grad(set_to_none=True)
+        if not graphed:  # captured, the backward writes the gradients (see _graphed)
+            opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+    if graphed:
+        return _graphed(step, opt, torch)
     return step
+
+
+def _graphed(step, opt, torch):
+    """``step`` captured as one CUDA graph; returns its replay. As in PyTorch's whole-network
+    capture recipe: warm-up steps on a side stream (they also create SGD's momentum
+    buffers), then the gradients set to None, so that the captured backward writes them
+    (into the graph's memory) instead of adding to them, on every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _timed(step, sync) -> tuple[float, float]:
@@ -236,7 +291,8 @@ def measure(spec: dict, cap: float) -> dict | None:
 
 def collect(args) -> dict:
     base = {k: getattr(args, k) for k in ("batch", "img", "steps", "warmup", "threads",
-                                          "device", "amp", "channels_last")}
+                                          "device", "amp", "channels_last",
+                                          "cuda_graph", "compile_mode")}
     runs = {(v, m): [] for v in args.variants for m in args.measure}
     dead = set()  # measurements that hit the cap or failed once: not retried
     jobs = [(v, m) for m in args.measure for v in args.variants]
@@ -271,7 +327,7 @@ def _figures(args, runs: dict, dead: set) -> dict:
             vals = [r[field] for r in runs.get((v, m), []) if field in r]
             ok = (v, m) not in dead and vals
             figures[v][fig] = statistics.median(vals) if ok else None
-            if fig in ("train_time", "infer_time", "compiled_step"):
+            if fig in TIMES:
                 figures[v][fig + "_all"] = vals
     return figures
 
@@ -280,7 +336,8 @@ def collect_same_process(args) -> dict:
     """``collect``'s figures from one process per measurement holding every variant
     (``--same-process``): medians over ``repeats * steps`` rounds, peak memory null."""
     base = {k: getattr(args, k) for k in ("batch", "img", "warmup", "threads", "device", "amp",
-                                          "channels_last")}
+                                          "channels_last",
+                                          "cuda_graph", "compile_mode")}
     runs, dead = {}, set()
     for m in args.measure:
         spec = {**base, "variants": args.variants, "measure": m,
@@ -294,6 +351,32 @@ def collect_same_process(args) -> dict:
     return _figures(args, runs, dead)
 
 
+TIMES = ("train_time", "infer_time", "compiled_step")  # figures with per-round values
+
+
+def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> list | None:
+    """``[low, high]``: a paired bootstrap interval for ``median(other) / median(base)``,
+    resampling round indices (both lists in round order, same length); None with fewer than
+    3 rounds or unpaired lists. Fixed seed: the same figures give the same interval."""
+    if len(base) != len(other) or len(base) < 3:
+        return None
+    rng = random.Random(seed)
+    n = len(base)
+    draws = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        denom = statistics.median(base[i] for i in idx)
+        if denom > 0:
+            draws.append(statistics.median(other[i] for i in idx) / denom)
+    if not draws:
+        return None
+    draws.sort()
+    tail = (1 - level) / 2
+    return [round(draws[int(tail * (len(draws) - 1))], 4),
+            round(draws[int((1 - tail) * (len(draws) - 1))], 4)]
+
+
 def ratios(figures: dict) -> dict:
     out = {}
     base = figures.get("resnet50", {})
@@ -301,6 +384,10 @@ def ratios(figures: dict) -> dict:
         for fig in FIGURES:
             a, b = figures.get(v, {}).get(fig), base.get(fig)
             out[f"{prefix}_{fig}_ratio"] = round(a / b, 4) if a is not None and b else None
+        for fig in TIMES:
+            ok = figures.get(v, {}).get(fig) is not None and base.get(fig) is not None
+            out[f"{prefix}_{fig}_ratio_ci"] = ratio_interval(
+                base.get(fig + "_all", []), figures[v].get(fig + "_all", [])) if ok else None
     return out
 
 
@@ -324,6 +411,12 @@ def print_table(figures: dict, rat: dict) -> None:
             rtxt = f" ({r:.3f}x)" if r is not None else ""
             cells.append(f"{val:.{digits}f}{rtxt}".rjust(18))
         print(f"{v:<24}" + "".join(cells))
+    intervals = [f"{prefix} {fig.replace('_', ' ')} {ci[0]:.3f}-{ci[1]:.3f}x"
+                 for prefix in ("fused", "reference") for fig in TIMES
+                 if (ci := rat.get(f"{prefix}_{fig}_ratio_ci"))]
+    if intervals:
+        print("95% intervals of the ratios (paired bootstrap over rounds): "
+              + "; ".join(intervals))
 
 
 def main(argv=None) -> None:
@@ -341,12 +434,15 @@ def main(argv=None) -> None:
            "(one step per model each)" if args.same_process else
            f"medians of {args.repeats} interleaved repeats x {args.steps} steps")
     print(f"batch {args.batch}, {args.img} px, {args.device}, {args.threads} threads, "
-          f"amp={args.amp}, channels_last={args.channels_last}, {how}; ratios to resnet50 "
-          "in parentheses")
+          f"amp={args.amp}, channels_last={args.channels_last}"
+          f"{', CUDA graph replays' if args.cuda_graph else ''}"
+          f"{f', compile mode {args.compile_mode}' if args.compile_mode else ''}, {how}; "
+          "ratios to resnet50 in parentheses")
     print_table(figures, rat)
     config = {k: getattr(args, k) for k in ("batch", "img", "repeats", "steps", "warmup",
                                             "threads", "device", "amp", "channels_last",
-                                            "measure", "cap", "same_process")}
+                                            "measure", "cap", "same_process",
+                                            "cuda_graph", "compile_mode")}
     print(json.dumps({"config": config, "results": figures, **rat}))
 
 

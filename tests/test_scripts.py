@@ -23,6 +23,7 @@ import models
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+import bench_sge  # noqa: E402
 import bench_sge_block  # noqa: E402
 import predict  # noqa: E402
 import profile_step  # noqa: E402
@@ -30,7 +31,7 @@ import report  # noqa: E402
 import visualize_sge  # noqa: E402
 SHELL = ["train.sh", "train_multinode.sh", "slurm_train.sbatch", "sweep_groups.sh",
          "eval_released.sh"]
-PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge_block.py",
+PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge.py", "bench_sge_block.py",
           "profile_step.py"]
 NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=3)
 
@@ -432,3 +433,70 @@ def test_profile_step_on_cpu_reports_wall_time_and_writes_traces(capsys, tmp_pat
         assert json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"]
     _, _, err = tool(profile_step, ["--variants", "resnet51"], capsys, ok=False)
     assert "unknown ['resnet51']" in err
+
+
+def test_ratio_interval_is_a_paired_bootstrap_of_the_median_ratio():
+    # A constant ratio per round gives that ratio whatever the resampling draws.
+    base = [1.0, 1.3, 0.9, 1.1, 1.2]
+    assert bench_sge.ratio_interval(base, [1.5 * t for t in base]) == [1.5, 1.5]
+    # Noisy rounds: the interval holds the point ratio, narrows with more rounds of the
+    # same spread, and is the same for the same figures (fixed seed).
+    rng = np.random.default_rng(0)
+    a = list(1 + 0.05 * rng.standard_normal(40))
+    b = list(1.02 + 0.05 * rng.standard_normal(40))
+    lo, hi = bench_sge.ratio_interval(a, b)
+    point = float(np.median(b) / np.median(a))
+    assert lo < point < hi
+    lo10, hi10 = bench_sge.ratio_interval(a[:10], b[:10])
+    assert hi10 - lo10 > hi - lo
+    assert bench_sge.ratio_interval(a, b) == [lo, hi]
+    # Pairing matters: shuffling one side's rounds breaks the pairs and widens it when
+    # both sides share each round's drift.
+    drift = list(np.linspace(0.8, 1.2, 40))
+    paired = bench_sge.ratio_interval(drift, [1.02 * d + 0.002 * e for d, e in
+                                              zip(drift, rng.standard_normal(40))])
+    unpaired = bench_sge.ratio_interval(drift, list(rng.permutation([1.02 * d for d in drift])))
+    assert paired[1] - paired[0] < (unpaired[1] - unpaired[0]) / 5
+    assert bench_sge.ratio_interval([1.0, 1.0], [1.0, 1.0]) is None  # too few rounds
+    assert bench_sge.ratio_interval([1.0] * 4, [1.0] * 3) is None    # unpaired
+
+
+def test_bench_sge_same_process_on_cpu_prints_ratios_with_intervals():
+    _, out, _ = run(["bench_sge.py", "--batch", "2", "--img", "32", "--repeats", "1",
+                     "--steps", "4", "--warmup", "1", "--measure", "infer", "--same-process",
+                     "--variants", "resnet50,sge_resnet50_fused", "--threads", "1"])
+    result = json.loads(out.strip().splitlines()[-1])
+    figs = result["results"]
+    a, b = figs["resnet50"]["infer_time_all"], figs["sge_resnet50_fused"]["infer_time_all"]
+    assert len(a) == len(b) == 4 and min(a + b) > 0
+    ratio = result["fused_infer_time_ratio"]
+    assert ratio == round(float(np.median(b) / np.median(a)), 4)
+    # Every round's b >= r a makes every resampled median ratio >= r (order statistics), so
+    # the interval lies within the per-round ratios' range (up to its 4-digit rounding).
+    lo, hi = result["fused_infer_time_ratio_ci"]
+    per_round = [q / p for p, q in zip(a, b)]
+    assert min(per_round) - 1e-4 <= lo <= ratio <= hi <= max(per_round) + 1e-4
+    assert f"fused infer time {lo:.3f}-{hi:.3f}x" in out
+    assert result["fused_train_time_ratio_ci"] is None  # not measured
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+    (["--cuda-graph", "--device", "cuda", "--amp", "float16"], "use --amp bfloat16"),
+    (["--cuda-graph", "--device", "cuda", "--measure", "compiled"],
+     "--compile-mode reduce-overhead"),
+])
+def test_bench_sge_refuses_cuda_graphs_where_they_cannot_capture(args, message, capsys):
+    _, _, err = tool(bench_sge, args, capsys, ok=False)
+    assert message in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_bench_sge_cuda_graph_replays_train_and_infer_steps():
+    _, out, _ = run(["bench_sge.py", "--device", "cuda", "--batch", "4", "--img", "64",
+                     "--repeats", "1", "--steps", "3", "--measure", "train,infer",
+                     "--same-process", "--cuda-graph", "--amp", "bfloat16"])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["config"]["cuda_graph"]
+    for figs in result["results"].values():
+        assert figs["train_time"] > 0 and figs["infer_time"] > 0
