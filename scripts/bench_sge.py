@@ -30,7 +30,9 @@ over the rounds (``--same-process``) or repeats, resampling whole rounds so that
 models' steps from the same stretch of time stay together. Whether a ratio is under a
 target such as issue 5's 1.03x is a question for the interval's upper end: on this 2-core
 VM single steps of the same model vary by up to 10% (conv weight copies that take 1 to
-28 ms; docs/benchmarks.md, "CPU, thirteenth session").
+28 ms; docs/benchmarks.md, "CPU, thirteenth session"). ``--variants`` may add
+``resnet50_control``, a second ResNet50: its ratio (``control_...``) shows how far the
+machine alone moves a ratio in the same run.
 
 On a GPU, ``--cuda-graph`` captures each model's whole step (forward, backward, SGD) as one
 CUDA graph and times its replays: the GPU's own time for the step, with no host time in
@@ -60,7 +62,15 @@ VARIANTS = {  # row name -> (model name, sge_impl)
     "resnet50": ("resnet50", None),
     "sge_resnet50_reference": ("sge_resnet50", "reference"),
     "sge_resnet50_fused": ("sge_resnet50", "fused"),
+    # A second ResNet50, built and timed like the others: its ratio to the first is what
+    # the machine alone moves a ratio by (a same-model control; not run unless asked). In
+    # one process its compile reuses the first's compiled graphs (its compile time is ~0).
+    "resnet50_control": ("resnet50", None),
 }
+DEFAULT_VARIANTS = "resnet50,sge_resnet50_reference,sge_resnet50_fused"
+# variant -> the prefix of its ratios' keys in the JSON
+RATIO_PREFIX = {"sge_resnet50_fused": "fused", "sge_resnet50_reference": "reference",
+                "resnet50_control": "control"}
 MEASURES = ("train", "infer", "compiled")
 # figure -> (measurement, field in the worker's answer)
 FIGURES = {
@@ -84,7 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     ap.add_argument("--measure", default="train,infer,compiled",
                     help=f"comma-separated subset of {','.join(MEASURES)}")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--cap", type=float, default=900.0, help="seconds per measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
@@ -380,7 +390,7 @@ def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int 
 def ratios(figures: dict) -> dict:
     out = {}
     base = figures.get("resnet50", {})
-    for prefix, v in (("fused", "sge_resnet50_fused"), ("reference", "sge_resnet50_reference")):
+    for v, prefix in RATIO_PREFIX.items():
         for fig in FIGURES:
             a, b = figures.get(v, {}).get(fig), base.get(fig)
             out[f"{prefix}_{fig}_ratio"] = round(a / b, 4) if a is not None and b else None
@@ -406,13 +416,13 @@ def print_table(figures: dict, rat: dict) -> None:
             if val is None:
                 cells.append(f"{'null':>18}")
                 continue
-            prefix = {"sge_resnet50_fused": "fused", "sge_resnet50_reference": "reference"}
-            r = rat.get(f"{prefix[v]}_{fig}_ratio") if v in prefix else 1.0
+            prefix = RATIO_PREFIX.get(v)
+            r = rat.get(f"{prefix}_{fig}_ratio") if prefix else 1.0
             rtxt = f" ({r:.3f}x)" if r is not None else ""
             cells.append(f"{val:.{digits}f}{rtxt}".rjust(18))
         print(f"{v:<24}" + "".join(cells))
     intervals = [f"{prefix} {fig.replace('_', ' ')} {ci[0]:.3f}-{ci[1]:.3f}x"
-                 for prefix in ("fused", "reference") for fig in TIMES
+                 for prefix in RATIO_PREFIX.values() for fig in TIMES
                  if (ci := rat.get(f"{prefix}_{fig}_ratio_ci"))]
     if intervals:
         print("95% intervals of the ratios (paired bootstrap over rounds): "

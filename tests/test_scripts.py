@@ -464,7 +464,8 @@ def test_ratio_interval_is_a_paired_bootstrap_of_the_median_ratio():
 def test_bench_sge_same_process_on_cpu_prints_ratios_with_intervals():
     _, out, _ = run(["bench_sge.py", "--batch", "2", "--img", "32", "--repeats", "1",
                      "--steps", "4", "--warmup", "1", "--measure", "infer", "--same-process",
-                     "--variants", "resnet50,sge_resnet50_fused", "--threads", "1"])
+                     "--variants", "resnet50,sge_resnet50_fused,resnet50_control",
+                     "--threads", "1"])
     result = json.loads(out.strip().splitlines()[-1])
     figs = result["results"]
     a, b = figs["resnet50"]["infer_time_all"], figs["sge_resnet50_fused"]["infer_time_all"]
@@ -478,6 +479,11 @@ def test_bench_sge_same_process_on_cpu_prints_ratios_with_intervals():
     assert min(per_round) - 1e-4 <= lo <= ratio <= hi <= max(per_round) + 1e-4
     assert f"fused infer time {lo:.3f}-{hi:.3f}x" in out
     assert result["fused_train_time_ratio_ci"] is None  # not measured
+    # The same-model control: a second ResNet50, with its own ratio and interval.
+    c = figs["resnet50_control"]["infer_time_all"]
+    assert result["control_infer_time_ratio"] == round(float(np.median(c) / np.median(a)), 4)
+    assert result["control_infer_time_ratio_ci"] is not None
+    assert result["reference_infer_time_ratio"] is None  # not asked for
 
 
 @pytest.mark.parametrize("args, message", [
