@@ -153,7 +153,10 @@ def _setup(spec: dict) -> SimpleNamespace:
     x = x.contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (spec["batch"],), device=device)
     amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] != "none" else None
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # Captured into a CUDA graph, autocast runs without its cast cache, as PyTorch's notes on
+    # graphs ask (make_graphed_callables): cached casts must not outlive the capture.
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                              cache_enabled=not spec.get("cuda_graph", False))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return SimpleNamespace(torch=torch, device=device, fmt=fmt, x=x, labels=labels,
                            autocast=autocast, sync=sync)
