@@ -364,3 +364,30 @@ def test_bf16_autocast_steps_on_cpu(folder, tmp_path):
     assert parts.plain.fc.weight.dtype == torch.float32  # autocast, not a bf16 model
     assert not torch.equal(before, parts.plain.fc.weight)
     assert all(torch.isfinite(p).all() for p in parts.plain.parameters())
+
+
+def test_compiled_model_trains_checkpoints_and_resumes_eagerly(folder, tmp_path, monkeypatch):
+    # model.compile=true: torch.compile around the trained module (fused SGE ops included).
+    # Its first step matches the eager one's; its checkpoints hold the bare module's keys, so
+    # the run resumes without compile; and it resumes with it.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    losses = []
+    for compiled in (True, False):
+        cfg = tiny_config(folder, tmp_path / "step", f"model.compile={str(compiled).lower()}")
+        engine.seed_step(cfg.seed, 0, -1)
+        parts = engine.setup(cfg, torch.device("cpu"), num_steps=6)
+        assert isinstance(parts.model, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        loader = data.build_loader(cfg, "train")
+        loader.set_epoch(0)
+        losses.append(engine.train_step(parts, iter(loader), engine.Progress())["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+    run = tmp_path / "run"
+    assert engine.fit(tiny_config(folder, run, "model.compile=true",
+                                  "train.epochs=1"))["global_step"] == 6
+    keys = set(_final_state(run)["model"])
+    assert keys == set(parts.plain.state_dict()) and not any("_orig_mod" in k for k in keys)
+    assert engine.fit(tiny_config(folder, run, "train.epochs=2"))["global_step"] == 12
+    assert engine.fit(tiny_config(folder, run, "model.compile=true",
+                                  "train.epochs=3"))["global_step"] == 18
+    assert [r["epoch"] for r in _rows(run) if r["split"] == "train"] == [1, 2, 3]
