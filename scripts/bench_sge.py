@@ -82,6 +82,10 @@ FIGURES = {
     "compile_time": ("compiled", "compile_s"),
     "compiled_step": ("compiled", "step_s"),
 }
+TIMES = ("train_time", "infer_time", "compiled_step")  # figures with per-round values
+# The command-line options every worker's spec carries (``collect`` adds ``steps``).
+WORKER_OPTIONS = ("batch", "img", "warmup", "threads", "device", "amp", "channels_last",
+                  "cuda_graph", "compile_mode")
 
 
 def parse_args(argv=None):
@@ -303,9 +307,7 @@ def measure(spec: dict, cap: float) -> dict | None:
 
 
 def collect(args) -> dict:
-    base = {k: getattr(args, k) for k in ("batch", "img", "steps", "warmup", "threads",
-                                          "device", "amp", "channels_last",
-                                          "cuda_graph", "compile_mode")}
+    base = {k: getattr(args, k) for k in ("steps", *WORKER_OPTIONS)}
     runs = {(v, m): [] for v in args.variants for m in args.measure}
     dead = set()  # measurements that hit the cap or failed once: not retried
     jobs = [(v, m) for m in args.measure for v in args.variants]
@@ -348,9 +350,7 @@ def _figures(args, runs: dict, dead: set) -> dict:
 def collect_same_process(args) -> dict:
     """``collect``'s figures from one process per measurement holding every variant
     (``--same-process``): medians over ``repeats * steps`` rounds, peak memory null."""
-    base = {k: getattr(args, k) for k in ("batch", "img", "warmup", "threads", "device", "amp",
-                                          "channels_last",
-                                          "cuda_graph", "compile_mode")}
+    base = {k: getattr(args, k) for k in WORKER_OPTIONS}
     runs, dead = {}, set()
     for m in args.measure:
         spec = {**base, "variants": args.variants, "measure": m,
@@ -362,9 +362,6 @@ def collect_same_process(args) -> dict:
             else:
                 runs[v, m] = res[v]
     return _figures(args, runs, dead)
-
-
-TIMES = ("train_time", "infer_time", "compiled_step")  # figures with per-round values
 
 
 def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int = 2000,
@@ -452,10 +449,8 @@ def main(argv=None) -> None:
           f"{f', compile mode {args.compile_mode}' if args.compile_mode else ''}, {how}; "
           "ratios to resnet50 in parentheses")
     print_table(figures, rat)
-    config = {k: getattr(args, k) for k in ("batch", "img", "repeats", "steps", "warmup",
-                                            "threads", "device", "amp", "channels_last",
-                                            "measure", "cap", "same_process",
-                                            "cuda_graph", "compile_mode")}
+    config = {k: getattr(args, k) for k in ("repeats", "steps", *WORKER_OPTIONS, "measure",
+                                            "cap", "same_process")}
     print(json.dumps({"config": config, "results": figures, **rat}))
 
 
