@@ -5,9 +5,9 @@
 
 A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``,
 which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This times that
-tail alone, forward and forward+backward, on each stage's shape (224 px: 256 x 56 x 56 ...
-2048 x 7 x 7) for ResNet (BN), the fused SGE and the reference SGE, all in one process,
-alternating. Beside them: one copy of the conv output (read + write), the floor a
+tail alone, forward and forward+backward in training mode and inference (eval mode, BN's
+running statistics, no_grad), on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7)
+for ResNet (BN), the fused SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the conv output (read + write), the floor a
 memory-bound pass costs, and the fused op's own forward and backward kernels.
 Whole-model figures are ``scripts/bench_sge.py``'s; this says which stage and which pass
 the difference comes from.
@@ -122,6 +122,15 @@ def stage_cases(args, channels, side, device, dtype, fmt):
         def fwd_bwd(fwd=fwd):
             fwd().backward(dy)
         cases[f"{name} fwd"], cases[f"{name} fwd+bwd"] = fwd, fwd_bwd
+        # Inference: another tail in eval mode (BN's running statistics), under no_grad.
+        frozen = Tail(channels, kind, args.groups).to(device, memory_format=fmt).eval()
+        frozen.bn.running_mean.normal_(0, 0.1)
+        frozen.bn.running_var.uniform_(0.5, 1.5)
+
+        def infer(tail=frozen):
+            with torch.no_grad(), autocast:
+                return tail(z, identity)
+        cases[f"{name} infer"] = infer
     # The fused tail's op alone, with the statistics that tail uses.
     bn, sge = tails["fused"].bn, tails["fused"].sge
     mean, var, zmean = _batch_stats(bn, z.detach())

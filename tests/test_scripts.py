@@ -399,13 +399,15 @@ def test_bench_sge_block_times_every_stage(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert list(result["ms"]) == ["256x8x8", "512x4x4", "1024x2x2", "2048x1x1"]
     for figs in result["ms"].values():
-        assert set(figs) == {"copy", "resnet fwd", "resnet fwd+bwd", "fused fwd",
-                             "fused fwd+bwd", "reference fwd", "reference fwd+bwd",
-                             "fused: batch stats", "fused: op fwd", "fused: op bwd"}
+        assert set(figs) == {"copy", "resnet fwd", "resnet fwd+bwd", "resnet infer",
+                             "fused fwd", "fused fwd+bwd", "fused infer", "reference fwd",
+                             "reference fwd+bwd", "reference infer", "fused: batch stats",
+                             "fused: op fwd", "fused: op bwd"}
         assert all(t > 0 for t in figs.values())
     figs = result["ms"]["256x8x8"]
-    row = next(line for line in out.splitlines() if line.startswith("fused fwd+bwd"))
-    assert f"({figs['fused fwd+bwd'] / figs['resnet fwd+bwd']:.2f}x)" in row
+    for case in ("fwd+bwd", "infer"):
+        row = next(line for line in out.splitlines() if line.startswith(f"fused {case}"))
+        assert f"({figs[f'fused {case}'] / figs[f'resnet {case}']:.2f}x)" in row
     # On a CPU the host's time to issue the calls is their wall time: the same figures.
     assert result["host_ms"] == result["ms"]
 
