@@ -34,6 +34,14 @@ VM single steps of the same model vary by up to 10% (conv weight copies that tak
 ``resnet50_control``, a second ResNet50: its ratio (``control_...``) shows how far the
 machine alone moves a ratio in the same run.
 
+One process's interval does not hold what differs between processes (the heap's layout,
+where the VM's neighbours are): on this VM two same-process runs of the same command gave
+channels_last inference 1.098x (interval 1.077-1.119x) and 0.988x (0.976-1.009x), and four
+more 1.02-1.04x. ``--same-process --processes N`` runs the whole measurement in N fresh
+processes, one after another: the figures are medians over all their rounds, each
+process's own ratio is listed (``..._ratio_by_process``), and the interval resamples
+processes and then rounds within each, so it widens with the spread between processes.
+
 On a GPU, ``--cuda-graph`` captures each model's whole step (forward, backward, SGD) as one
 CUDA graph and times its replays: the GPU's own time for the step, with no host time in
 it. Against the plain run this says how much of a ratio is the host issuing work (the
@@ -109,6 +117,9 @@ def parse_args(argv=None):
     ap.add_argument("--same-process", action="store_true",
                     help="all models in one process per measurement, steps alternating "
                          "(no per-process spread; peak memory not measured)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="with --same-process: that many fresh processes per measurement, "
+                         "their rounds pooled (the interval resamples processes too)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="GPU only: capture each eager step as one CUDA graph and time its "
                          "replays (no host time); not with float16 AMP (GradScaler syncs)")
@@ -117,6 +128,11 @@ def parse_args(argv=None):
                          "max-autotune-no-cudagraphs); default: torch's default")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.processes < 1:
+        ap.error(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1 and not args.same_process:
+        ap.error("--processes is for --same-process (without it every measurement already "
+                 "runs in its own process, once per repeat)")
     if args.cuda_graph:
         if args.device.split(":")[0] != "cuda":
             ap.error("--cuda-graph needs --device cuda: CUDA graphs record GPU work")
@@ -306,16 +322,21 @@ def measure(spec: dict, cap: float) -> dict | None:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def _progress(total: int):
+    """A tqdm bar over ``total`` measurements on stderr, or None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety
+        return None
+    return tqdm(total=total, desc="measurements", file=sys.stderr)
+
+
 def collect(args) -> dict:
     base = {k: getattr(args, k) for k in ("steps", *WORKER_OPTIONS)}
     runs = {(v, m): [] for v in args.variants for m in args.measure}
     dead = set()  # measurements that hit the cap or failed once: not retried
     jobs = [(v, m) for m in args.measure for v in args.variants]
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=args.repeats * len(jobs), desc="measurements", file=sys.stderr)
-    except ImportError:  # progress is a nicety
-        bar = None
+    bar = _progress(args.repeats * len(jobs))
     for r in range(args.repeats):
         # Rotate the order so no variant always runs right after the same neighbour.
         for v, m in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
@@ -334,16 +355,20 @@ def collect(args) -> dict:
 
 def _figures(args, runs: dict, dead: set) -> dict:
     """Per variant, each figure's median over the measurements in ``runs`` (None where a
-    measurement is ``dead``), and the per-measurement step times."""
+    measurement is ``dead``), and the per-measurement step times (``_all``) with, from
+    ``--processes``, the process each came from (``_process``)."""
     figures = {}
     for v in args.variants:
         figures[v] = {}
         for fig, (m, field) in FIGURES.items():
-            vals = [r[field] for r in runs.get((v, m), []) if field in r]
+            kept = [r for r in runs.get((v, m), []) if field in r]
+            vals = [r[field] for r in kept]
             ok = (v, m) not in dead and vals
             figures[v][fig] = statistics.median(vals) if ok else None
             if fig in TIMES:
                 figures[v][fig + "_all"] = vals
+                if args.processes > 1:
+                    figures[v][fig + "_process"] = [r["process"] for r in kept]
     return figures
 
 
@@ -351,31 +376,55 @@ def collect_same_process(args) -> dict:
     """``collect``'s figures from one process per measurement holding every variant
     (``--same-process``): medians over ``repeats * steps`` rounds, peak memory null."""
     base = {k: getattr(args, k) for k in WORKER_OPTIONS}
-    runs, dead = {}, set()
+    runs = {(v, m): [] for v in args.variants for m in args.measure}
+    dead = set()
+    bar = _progress(len(args.measure) * args.processes) if args.processes > 1 else None
     for m in args.measure:
         spec = {**base, "variants": args.variants, "measure": m,
                 "rounds": args.repeats * args.steps}
-        res = measure(spec, args.cap)
-        for v in args.variants:
-            if res is None:
-                dead.add((v, m))
-            else:
-                runs[v, m] = res[v]
+        for p in range(args.processes):
+            # A process that fails or hits the cap nulls the measurement (no partial pools).
+            res = None if (args.variants[0], m) in dead else measure(spec, args.cap)
+            for v in args.variants:
+                if res is None:
+                    dead.add((v, m))
+                else:
+                    runs[v, m] += [{**r, "process": p} for r in res[v]]
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
     return _figures(args, runs, dead)
 
 
+
 def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int = 2000,
-                   seed: int = 0) -> list | None:
+                   seed: int = 0, process: list | None = None) -> list | None:
     """``[low, high]``: a paired bootstrap interval for ``median(other) / median(base)``,
     resampling round indices (both lists in round order, same length); None with fewer than
-    3 rounds or unpaired lists. Fixed seed: the same figures give the same interval."""
+    3 rounds or unpaired lists. Fixed seed: the same figures give the same interval.
+    ``process``: each round's process; with more than one, each resample draws processes
+    (with replacement), then rounds within each drawn process (a two-stage bootstrap), so
+    that the spread between processes is in the interval."""
     if len(base) != len(other) or len(base) < 3:
+        return None
+    if process is not None and len(process) != len(base):
         return None
     rng = random.Random(seed)
     n = len(base)
+    blocks = {}
+    for i, p in enumerate(process or []):
+        blocks.setdefault(p, []).append(i)
+    blocks = list(blocks.values())
     draws = []
     for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
+        if len(blocks) > 1:
+            idx = []
+            for _ in blocks:
+                block = blocks[rng.randrange(len(blocks))]
+                idx += [block[rng.randrange(len(block))] for _ in block]
+        else:
+            idx = [rng.randrange(n) for _ in range(n)]
         denom = statistics.median(base[i] for i in idx)
         if denom > 0:
             draws.append(statistics.median(other[i] for i in idx) / denom)
@@ -396,12 +445,29 @@ def ratios(figures: dict) -> dict:
             out[f"{prefix}_{fig}_ratio"] = round(a / b, 4) if a is not None and b else None
         for fig in TIMES:
             ok = figures.get(v, {}).get(fig) is not None and base.get(fig) is not None
+            other = figures.get(v, {})
+            process = base.get(fig + "_process")
             out[f"{prefix}_{fig}_ratio_ci"] = ratio_interval(
-                base.get(fig + "_all", []), figures[v].get(fig + "_all", [])) if ok else None
+                base.get(fig + "_all", []), other.get(fig + "_all", []),
+                process=process) if ok else None
+            if process is not None:  # --processes: each process's own ratio
+                out[f"{prefix}_{fig}_ratio_by_process"] = _by_process(
+                    base[fig + "_all"], other[fig + "_all"], process) if ok else None
     return out
 
 
-def print_table(figures: dict, rat: dict) -> None:
+def _by_process(base: list, other: list, process: list) -> list:
+    """``median(other) / median(base)`` within each process, in process order."""
+    rounds = {}
+    for a, b, p in zip(base, other, process):
+        rounds.setdefault(p, ([], []))
+        rounds[p][0].append(a)
+        rounds[p][1].append(b)
+    return [round(statistics.median(b) / statistics.median(a), 4)
+            for a, b in (rounds[p] for p in sorted(rounds))]
+
+
+def print_table(figures: dict, rat: dict, by_process: bool = False) -> None:
     cols = [("train_time", "train s/step", 3), ("train_cpu", "train CPU s", 3),
             ("infer_time", "infer s/batch", 3), ("infer_cpu", "infer CPU s", 3),
             ("peak_mem", "peak MB", 0), ("compile_time", "compile s", 1),
@@ -425,8 +491,14 @@ def print_table(figures: dict, rat: dict) -> None:
                  for prefix in RATIO_PREFIX.values() for fig in TIMES
                  if (ci := rat.get(f"{prefix}_{fig}_ratio_ci"))]
     if intervals:
-        print("95% intervals of the ratios (paired bootstrap over rounds): "
+        over = "processes, then rounds" if by_process else "rounds"
+        print(f"95% intervals of the ratios (paired bootstrap over {over}): "
               + "; ".join(intervals))
+    per = [f"{prefix} {fig.replace('_', ' ')} " + ", ".join(f"{r:.3f}x" for r in rs)
+           for prefix in RATIO_PREFIX.values() for fig in TIMES
+           if (rs := rat.get(f"{prefix}_{fig}_ratio_by_process"))]
+    if per:
+        print("ratio in each process: " + "; ".join(per))
 
 
 def main(argv=None) -> None:
@@ -440,17 +512,19 @@ def main(argv=None) -> None:
               file=sys.stderr)
     figures = collect_same_process(args) if args.same_process else collect(args)
     rat = ratios(figures)
-    how = (f"one process per measurement, medians of {args.repeats * args.steps} rounds "
-           "(one step per model each)" if args.same_process else
+    procs = (f"{args.processes} processes per measurement, medians of "
+             f"{args.processes} x {args.repeats * args.steps}" if args.processes > 1 else
+             f"one process per measurement, medians of {args.repeats * args.steps}")
+    how = (f"{procs} rounds (one step per model each)" if args.same_process else
            f"medians of {args.repeats} interleaved repeats x {args.steps} steps")
     print(f"batch {args.batch}, {args.img} px, {args.device}, {args.threads} threads, "
           f"amp={args.amp}, channels_last={args.channels_last}"
           f"{', CUDA graph replays' if args.cuda_graph else ''}"
           f"{f', compile mode {args.compile_mode}' if args.compile_mode else ''}, {how}; "
           "ratios to resnet50 in parentheses")
-    print_table(figures, rat)
+    print_table(figures, rat, by_process=args.processes > 1)
     config = {k: getattr(args, k) for k in ("repeats", "steps", *WORKER_OPTIONS, "measure",
-                                            "cap", "same_process")}
+                                            "cap", "same_process", "processes")}
     print(json.dumps({"config": config, "results": figures, **rat}))
 
 

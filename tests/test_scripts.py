@@ -463,6 +463,59 @@ def test_ratio_interval_is_a_paired_bootstrap_of_the_median_ratio():
     assert bench_sge.ratio_interval([1.0] * 4, [1.0] * 3) is None    # unpaired
 
 
+def test_ratio_interval_over_processes_holds_their_spread():
+    # Six processes whose ratios differ (0.97 ... 1.12, 3% apart) while rounds agree within
+    # each: resampling rounds alone gives an interval about the pooled median; drawing
+    # processes first also holds how far the processes spread, and is much wider.
+    rng = np.random.default_rng(1)
+    base = list(1 + 0.01 * rng.standard_normal(90))
+    other = [t * (0.97 + 0.03 * (i // 15)) * (1 + 0.01 * e)
+             for i, (t, e) in enumerate(zip(base, rng.standard_normal(90)))]
+    process = [i // 15 for i in range(90)]
+    lo, hi = bench_sge.ratio_interval(base, other)
+    plo, phi = bench_sge.ratio_interval(base, other, process=process)
+    assert plo < lo and phi > hi and phi - plo > 2 * (hi - lo)
+    assert plo < 1.0 and phi > 1.09
+    # One process: the plain bootstrap, draw for draw.
+    assert bench_sge.ratio_interval(base, other, process=[0] * 90) == [lo, hi]
+    assert bench_sge.ratio_interval(base, other, process=[0] * 89) is None  # unpaired
+    assert bench_sge._by_process(base, other, process) == [
+        round(float(np.median(other[i:i + 15]) / np.median(base[i:i + 15])), 4)
+        for i in range(0, 90, 15)]
+
+
+def test_bench_sge_pools_rounds_from_several_processes():
+    _, out, _ = run(["bench_sge.py", "--batch", "2", "--img", "32", "--repeats", "1",
+                     "--steps", "3", "--warmup", "1", "--measure", "infer", "--same-process",
+                     "--processes", "2", "--variants", "resnet50,sge_resnet50_fused",
+                     "--threads", "1"])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["config"]["processes"] == 2
+    figs = result["results"]
+    a, b = figs["resnet50"]["infer_time_all"], figs["sge_resnet50_fused"]["infer_time_all"]
+    process = figs["resnet50"]["infer_time_process"]
+    assert len(a) == len(b) == 6 and process == [0, 0, 0, 1, 1, 1]
+    assert result["fused_infer_time_ratio"] == round(float(np.median(b) / np.median(a)), 4)
+    by_process = result["fused_infer_time_ratio_by_process"]
+    assert by_process == [round(float(np.median(b[i:i + 3]) / np.median(a[i:i + 3])), 4)
+                          for i in (0, 3)]
+    lo, hi = result["fused_infer_time_ratio_ci"]
+    per_round = [q / p for p, q in zip(a, b)]
+    assert min(per_round) - 1e-4 <= lo <= hi <= max(per_round) + 1e-4
+    assert "bootstrap over processes, then rounds" in out
+    assert "ratio in each process: fused infer time " + ", ".join(
+        f"{r:.3f}x" for r in by_process) in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "2"], "--processes is for --same-process"),
+    (["--same-process", "--processes", "0"], "--processes must be at least 1"),
+])
+def test_bench_sge_refuses_bad_process_counts(args, message, capsys):
+    _, _, err = tool(bench_sge, args, capsys, ok=False)
+    assert message in err
+
+
 def test_bench_sge_same_process_on_cpu_prints_ratios_with_intervals():
     _, out, _ = run(["bench_sge.py", "--batch", "2", "--img", "32", "--repeats", "1",
                      "--steps", "4", "--warmup", "1", "--measure", "infer", "--same-process",
