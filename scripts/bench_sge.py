@@ -36,8 +36,8 @@ machine alone moves a ratio in the same run.
 
 One process's interval does not hold what differs between processes (the heap's layout,
 where the VM's neighbours are): on this VM two same-process runs of the same command gave
-channels_last inference 1.098x (interval 1.077-1.119x) and 0.988x (0.976-1.009x), and four
-more 1.02-1.04x. ``--same-process --processes N`` runs the whole measurement in N fresh
+channels_last inference 1.098x (interval 1.077-1.119x) and 0.988x (0.976-1.009x); five
+more had intervals within 0.996-1.114x. ``--same-process --processes N`` runs the whole measurement in N fresh
 processes, one after another: the figures are medians over all their rounds, each
 process's own ratio is listed (``..._ratio_by_process``), and the interval resamples
 processes and then rounds within each, so it widens with the spread between processes.
@@ -395,7 +395,6 @@ def collect_same_process(args) -> dict:
     if bar:
         bar.close()
     return _figures(args, runs, dead)
-
 
 
 def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int = 2000,
