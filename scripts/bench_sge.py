@@ -37,10 +37,11 @@ machine alone moves a ratio in the same run.
 One process's interval does not hold what differs between processes (the heap's layout,
 where the VM's neighbours are): on this VM two same-process runs of the same command gave
 channels_last inference 1.098x (interval 1.077-1.119x) and 0.988x (0.976-1.009x); five
-more had intervals within 0.996-1.114x. ``--same-process --processes N`` runs the whole measurement in N fresh
-processes, one after another: the figures are medians over all their rounds, each
-process's own ratio is listed (``..._ratio_by_process``), and the interval resamples
-processes and then rounds within each, so it widens with the spread between processes.
+more had intervals within 0.996-1.114x. ``--same-process --processes N`` runs the whole
+measurement in N fresh processes, one after another: the figures are medians over all
+their rounds, each process's own ratio is listed (``..._ratio_by_process``), and the
+interval resamples processes and then rounds within each, so it widens with the spread
+between processes.
 
 On a GPU, ``--cuda-graph`` captures each model's whole step (forward, backward, SGD) as one
 CUDA graph and times its replays: the GPU's own time for the step, with no host time in
