@@ -384,15 +384,14 @@ def collect_same_process(args) -> dict:
         spec = {**base, "variants": args.variants, "measure": m,
                 "rounds": args.repeats * args.steps}
         for p in range(args.processes):
-            # A process that fails or hits the cap nulls the measurement (no partial pools).
-            res = None if (args.variants[0], m) in dead else measure(spec, args.cap)
-            for v in args.variants:
-                if res is None:
-                    dead.add((v, m))
-                else:
-                    runs[v, m] += [{**r, "process": p} for r in res[v]]
+            res = measure(spec, args.cap)
             if bar:
                 bar.update()
+            if res is None:  # a failed or capped process nulls the measurement (no partial pools)
+                dead.update((v, m) for v in args.variants)
+                break
+            for v in args.variants:
+                runs[v, m] += [{**r, "process": p} for r in res[v]]
     if bar:
         bar.close()
     return _figures(args, runs, dead)
@@ -412,10 +411,7 @@ def ratio_interval(base: list, other: list, level: float = 0.95, resamples: int 
         return None
     rng = random.Random(seed)
     n = len(base)
-    blocks = {}
-    for i, p in enumerate(process or []):
-        blocks.setdefault(p, []).append(i)
-    blocks = list(blocks.values())
+    blocks = _blocks(process or [])
     draws = []
     for _ in range(resamples):
         if len(blocks) > 1:
@@ -456,18 +452,21 @@ def ratios(figures: dict) -> dict:
     return out
 
 
+def _blocks(process: list) -> list:
+    """The round indices of each process, in the order the processes first appear."""
+    blocks = {}
+    for i, p in enumerate(process):
+        blocks.setdefault(p, []).append(i)
+    return list(blocks.values())
+
+
 def _by_process(base: list, other: list, process: list) -> list:
     """``median(other) / median(base)`` within each process, in process order."""
-    rounds = {}
-    for a, b, p in zip(base, other, process):
-        rounds.setdefault(p, ([], []))
-        rounds[p][0].append(a)
-        rounds[p][1].append(b)
-    return [round(statistics.median(b) / statistics.median(a), 4)
-            for a, b in (rounds[p] for p in sorted(rounds))]
+    return [round(statistics.median(other[i] for i in b) / statistics.median(base[i] for i in b), 4)
+            for b in _blocks(process)]
 
 
-def print_table(figures: dict, rat: dict, by_process: bool = False) -> None:
+def print_table(figures: dict, rat: dict) -> None:
     cols = [("train_time", "train s/step", 3), ("train_cpu", "train CPU s", 3),
             ("infer_time", "infer s/batch", 3), ("infer_cpu", "infer CPU s", 3),
             ("peak_mem", "peak MB", 0), ("compile_time", "compile s", 1),
@@ -490,13 +489,13 @@ def print_table(figures: dict, rat: dict, by_process: bool = False) -> None:
     intervals = [f"{prefix} {fig.replace('_', ' ')} {ci[0]:.3f}-{ci[1]:.3f}x"
                  for prefix in RATIO_PREFIX.values() for fig in TIMES
                  if (ci := rat.get(f"{prefix}_{fig}_ratio_ci"))]
-    if intervals:
-        over = "processes, then rounds" if by_process else "rounds"
-        print(f"95% intervals of the ratios (paired bootstrap over {over}): "
-              + "; ".join(intervals))
     per = [f"{prefix} {fig.replace('_', ' ')} " + ", ".join(f"{r:.3f}x" for r in rs)
            for prefix in RATIO_PREFIX.values() for fig in TIMES
            if (rs := rat.get(f"{prefix}_{fig}_ratio_by_process"))]
+    if intervals:
+        over = "processes, then rounds" if per else "rounds"
+        print(f"95% intervals of the ratios (paired bootstrap over {over}): "
+              + "; ".join(intervals))
     if per:
         print("ratio in each process: " + "; ".join(per))
 
@@ -522,7 +521,7 @@ def main(argv=None) -> None:
           f"{', CUDA graph replays' if args.cuda_graph else ''}"
           f"{f', compile mode {args.compile_mode}' if args.compile_mode else ''}, {how}; "
           "ratios to resnet50 in parentheses")
-    print_table(figures, rat, by_process=args.processes > 1)
+    print_table(figures, rat)
     config = {k: getattr(args, k) for k in ("repeats", "steps", *WORKER_OPTIONS, "measure",
                                             "cap", "same_process", "processes")}
     print(json.dumps({"config": config, "results": figures, **rat}))
