@@ -41,6 +41,19 @@ def _folds_tail(block, x) -> bool:
             and (not torch.compiler.is_compiling() or x.device.type == "cpu"))
 
 
+def _may_overwrite(*producers: nn.Module) -> bool:
+    """Whether a block may let its fused SGE write the output over its input (the block's
+    own temporary, made by ``producers``: the last conv and BN, then the SGE module): only
+    when no gradient is being recorded, and when no forward hook or pre-hook, on those
+    modules or global, could have kept a reference to that tensor."""
+    if torch.is_grad_enabled():
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in producers)
+
+
 class SGEBottleneck(Bottleneck):
     """timm's Bottleneck, whose fused SGE also does the residual add and the ReLU: the
     block's output is written in one pass where ResNet makes three (BN, add, ReLU). Same
@@ -55,7 +68,8 @@ class SGEBottleneck(Bottleneck):
         x = self.bn3(self.conv3(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.se(x, residual=shortcut)
+        return self.se(x, residual=shortcut,
+                       overwrite_input=_may_overwrite(self.conv3, self.bn3, self.se))
 
 
 class SGEBasicBlock(BasicBlock):
@@ -69,7 +83,8 @@ class SGEBasicBlock(BasicBlock):
         x = self.bn2(self.conv2(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.se(x, residual=shortcut)
+        return self.se(x, residual=shortcut,
+                       overwrite_input=_may_overwrite(self.conv2, self.bn2, self.se))
 
 
 def _cfg(**kwargs):

@@ -6,7 +6,8 @@
 A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``,
 which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This times that
 tail alone, forward and forward+backward in training mode and inference (eval mode, BN's
-running statistics, no_grad), on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7)
+running statistics, no_grad; the fused tail writes over its input there, as in the models),
+on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7)
 for ResNet (BN), the fused SGE and the reference SGE, all in one process, alternating.
 Beside them: one copy of the conv output (read + write), the floor a memory-bound pass
 costs, and the fused op's own forward and backward kernels.
@@ -67,10 +68,10 @@ class Tail(nn.Module):
             nn.init.normal_(self.sge.weight, std=0.5)
             nn.init.normal_(self.sge.bias, std=0.5)
 
-    def forward(self, z, identity):
+    def forward(self, z, identity, overwrite=False):
         x = self.bn(z)
-        if isinstance(self.sge, FusedSpatialGroupEnhance):
-            return self.sge(x, residual=identity)
+        if isinstance(self.sge, FusedSpatialGroupEnhance):  # overwrite: as the models' blocks
+            return self.sge(x, residual=identity, overwrite_input=overwrite)
         if self.sge is not None:
             x = self.sge(x)
         x += identity  # in place, as timm's blocks: no fresh tensors (page faults on a CPU)
@@ -128,9 +129,13 @@ def stage_cases(args, channels, side, device, dtype, fmt):
         frozen.bn.running_mean.normal_(0, 0.1)
         frozen.bn.running_var.uniform_(0.5, 1.5)
 
-        def infer(tail=frozen):
+        # The fused tail writes its output over its input there, as the models' blocks do
+        # (on the C++ path): its own copy of z, overwritten call after call.
+        z_own = z.detach().clone() if kind == "fused" else z
+
+        def infer(tail=frozen, z_own=z_own):
             with torch.no_grad(), autocast:
-                return tail(z, identity)
+                return tail(z_own, identity, overwrite=kind == "fused")
         cases[f"{name} infer"] = infer
     # The fused tail's op alone, with the statistics that tail uses.
     bn, sge = tails["fused"].bn, tails["fused"].sge

@@ -342,10 +342,12 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
 
 
 def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
-                   bn_eps, keep):
+                   bn_eps, keep, overwrite=False):
     """``(y, (chat, sigma, m))``, or ``(y, None)`` where the Triton kernels kept no
     statistics (their backward recomputes them). The chunked ones keep theirs as
-    ``(empty, (N, G, 2) mean and std of c, (N, C) channel means of z - mean)``."""
+    ``(empty, (N, G, 2) mean and std of c, (N, C) channel means of z - mean)``.
+    ``overwrite`` (only without ``keep``): ``y`` may be written over ``z`` (the C++ kernels
+    do, when ``z`` is stored contiguously in its layout; the other paths allocate ``y``)."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
     # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
     # op, and entering the context costs host time on every call.
@@ -361,11 +363,18 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
                                              kept[0])
     with _no_autocast(z):
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
-            y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean)
+            out = z if overwrite and not keep and _dense(z) else None
+            y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean,
+                                          out=out)
         else:
             y, *stats = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
                                     bn_eps, keep, residual)
     return y, stats
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` is stored contiguously as NCHW or as channels_last."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 _fused_forward = torch.library.custom_op("sge::fused_forward", mutates_args=(),
@@ -628,9 +637,18 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         norm = getattr(*self._norm_owner)
         return norm if type(norm) is DeferredBatchNorm2d else None
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                overwrite_input: bool = False) -> Tensor:
         """``SGE(x)``; with ``residual``, the block's tail ``relu(SGE(x) + residual)`` in the
-        same pass (where ResNet runs BN, the add and the ReLU as three)."""
+        same pass (where ResNet runs BN, the add and the ReLU as three).
+
+        ``overwrite_input``: ``x`` is the caller's own temporary, which nothing reads
+        afterwards; when no gradient is being recorded (``no_grad``, ``inference_mode``) and
+        the C++ kernels run, the output is then written over ``x`` and returned: no new
+        full-size tensor (no page faults for it), and the next convolution reads memory the
+        op has just passed over three times (docs/benchmarks.md, "CPU, fifteenth session").
+        Ignored otherwise. ``models/resnet.py``'s blocks pass it when no hook could have
+        kept ``x``."""
         if x.shape[1] != self.channels:
             raise ValueError(f"SGE built for {self.channels} channels got {x.shape[1]}")
         if residual is not None and residual.shape != x.shape:
@@ -646,10 +664,14 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         keep = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, *bn, self.weight, self.bias, residual))
-        args = (x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args, keep)
         if torch.compiler.is_compiling():
+            args = (x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args, keep)
             return _fused_forward(*args)[0]
-        return _EagerFused.apply(*args)
+        if overwrite_input and not torch.is_grad_enabled():  # no backward: no autograd node
+            return _forward_parts(x, *bn, *stats, self.weight, self.bias, residual, self.groups,
+                                  bn_args[1], False, overwrite=True)[0]
+        return _EagerFused.apply(x, *bn, *stats, self.weight, self.bias, residual, self.groups,
+                                 *bn_args, keep)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"

@@ -893,11 +893,14 @@ at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) 
 
 // y = SGE(BN(z)) (BN: with the given statistics; none without mean), or with a residual the
 // block's tail relu(SGE(BN(z)) + residual); chat, sigma, m for the backward when keep.
+// out: where y goes instead of a new tensor (y is then returned empty), of z's shape, type
+// and layout; it may be z itself, since every element of z is read before y is written at
+// the same place (the kernels' last pass goes element by element).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
-    const OptTensor& zmean) {
+    const OptTensor& zmean, const OptTensor& out) {
   const bool cl = is_channels_last(z_in);
   const at::Tensor z = z_in.contiguous(format_of(cl));
   TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
@@ -906,7 +909,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   TORCH_CHECK(!zmean || zmean->numel() == 0 || zmean->sizes() == at::IntArrayRef({N, C}),
               "sge_cpu: zmean must be the input's (N, C) channel means");
   const bool means = zmean && zmean->numel() > 0;
-  const at::Tensor y = at::empty_like(z);
+  TORCH_CHECK(!out || (out->sizes() == z.sizes() && out->scalar_type() == z.scalar_type() &&
+                       out->is_contiguous(format_of(cl))),
+              "sge_cpu: out must have the input's shape, type and layout");
+  const at::Tensor y = out ? *out : at::empty_like(z);
   auto stat = [&](std::vector<int64_t> shape) {
     return keep ? z.new_empty(shape) : z.new_empty({0});
   };
@@ -919,7 +925,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
                     residual ? as_type<T>(*residual, format_of(cl)) : at::Tensor(), y, chat,
                     sigma, m, means ? as_type<T>(*zmean) : at::Tensor(), groups, keep, cl, eps);
   });
-  return {y, chat, sigma, m};
+  return {out ? z.new_empty({0}) : y, chat, sigma, m};
 }
 
 // (dz, dresidual, dweight, dbias, dbn_weight, dbn_bias): forward's gradients, BN's backward
@@ -990,7 +996,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
 TORCH_LIBRARY(sge_cpu, lib) {
   lib.def("forward(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
           "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
-          "float eps, Tensor? zmean) -> (Tensor, Tensor, Tensor, Tensor)", &forward);
+          "float eps, Tensor? zmean, Tensor(a!)? out) -> (Tensor, Tensor, Tensor, Tensor)",
+          &forward);
   lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
           "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps) "

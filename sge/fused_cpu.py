@@ -106,13 +106,17 @@ def _bn_args(bn) -> tuple:
 
 
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
-            residual=None, zmean=None):
+            residual=None, zmean=None, out=None):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (``y`` in ``z``'s layout, NCHW
     or channels_last; empty statistics without ``keep``), ``bn = (mean, var, bn_weight,
     bn_bias, eps)`` the BN the kernel applies first (weight and bias may be None) or None.
     With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written.
-    ``zmean``: ``z``'s (N, C) channel means, from ``batch_stats`` (one pass less), or None."""
-    return _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS, zmean)
+    ``zmean``: ``z``'s (N, C) channel means, from ``batch_stats`` (one pass less), or None.
+    ``out``: where ``y`` goes (then also returned as ``y``), of ``z``'s shape, dtype and
+    layout; ``z`` itself is allowed."""
+    y, *stats = _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS,
+                               zmean, out)
+    return (y if out is None else out), *stats
 
 
 def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,

@@ -283,10 +283,10 @@ def test_inductor_compiles_the_model(monkeypatch, tmp_path):
     if fused_cpu.applies(torch.zeros(1, 1, 1, 1)):
         real, real_stats = fused_cpu.forward, fused_cpu.batch_stats
 
-        def spy(z, bn, weight, bias, groups, keep, residual, zmean):
+        def spy(z, bn, weight, bias, groups, keep, residual, zmean, out=None):
             seen.append((z.is_contiguous(memory_format=torch.channels_last),
                          residual is not None, zmean is not None))
-            return real(z, bn, weight, bias, groups, keep, residual, zmean)
+            return real(z, bn, weight, bias, groups, keep, residual, zmean, out)
 
         def stats_spy(z, *args):
             stats.append(z.is_contiguous(memory_format=torch.channels_last))

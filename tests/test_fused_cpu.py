@@ -385,8 +385,8 @@ def test_forward_takes_the_channel_means_of_batch_stats(dtype, channels_last, mo
                 fused_cpu.forward(z, bn, weight, bias, g, True, None, zmean + 1)[0], own[0])
     passed = []
     real = fused_cpu.forward
-    monkeypatch.setattr(fused_cpu, "forward", lambda *args: passed.append(args[-1] is not None)
-                        or real(*args))
+    monkeypatch.setattr(fused_cpu, "forward", lambda *args, **kw: passed.append(
+        args[7] is not None) or real(*args, **kw))
     n, c, h, w, g = SHAPES[0]
     for training in (True, False):
         norm, sge = _bn_pair(c, g, dtype, training)[0]
@@ -413,3 +413,103 @@ def test_nchw_gradient_of_a_channels_last_block(dtype, calls):
         assert_close(a, b, **_tol(dtype))
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got[1:3])
     assert calls["backward"] == (1 if HAS_COMPILER else 0)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_writes_over_its_input_when_allowed(dtype, training, channels_last):
+    # overwrite_input: without a gradient being recorded the tail is written over its input
+    # (the block's conv output): the same numbers, no new tensor. With a gradient being
+    # recorded, or without the flag, the input stays as it was.
+    n, c, h, w, g = SHAPES[0]
+    _, _, z, _ = _layer_case((n, c, h, w, g), dtype, channels_last)
+    residual = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    expect = None
+    for overwrite, grad in ((False, True), (False, False), (True, True), (True, False)):
+        norm, sge = _bn_pair(c, g, dtype, training)[0]  # fresh running statistics each time
+        zi = z.clone()
+        with torch.set_grad_enabled(grad):
+            y = sge(norm(zi), residual=residual, overwrite_input=overwrite)
+        assert_close(y.detach(), _tail_results((norm, sge), z, residual, z, fused=True)[0]
+                     if expect is None else expect, rtol=0, atol=0)
+        expect = y.detach() if expect is None else expect
+        written_over = overwrite and not grad
+        assert (y.data_ptr() == zi.data_ptr()) == written_over
+        assert torch.equal(zi, y) if written_over else torch.equal(zi, z)
+        if channels_last:
+            assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_out_is_checked():
+    z = torch.randn(2, 8, 3, 3)
+    weight, bias = torch.randn(1, 4, 1, 1), torch.randn(1, 4, 1, 1)
+    for bad in (torch.empty(2, 8, 3, 4), torch.empty(2, 8, 3, 3, dtype=torch.float64),
+                torch.empty(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)):
+        with pytest.raises(RuntimeError, match="out must have the input's shape, type and layout"):
+            fused_cpu.forward(z, None, weight, bias, 4, False, out=bad)
+    out = torch.empty_like(z)
+    y = fused_cpu.forward(z, None, weight, bias, 4, False, out=out)[0]
+    assert y is out and torch.equal(out, fused_cpu.forward(z, None, weight, bias, 4, False)[0])
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_inference_overwrites_only_unhooked_conv_outputs(channels_last, monkeypatch):
+    # In a model's inference every SGE block writes its output over its conv output, with the
+    # same numbers as with a gradient recorded; a forward hook that may have kept that
+    # tensor (on the conv, the deferred BN or the SGE module, or a global one) turns it off
+    # for its block and keeps what the hook saw intact.
+    import models
+    import models.resnet as resnet
+
+    model = models.create_model("sge_resnet50", **test_fused.NARROW).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    outs = []
+    real = fused_cpu.forward
+    monkeypatch.setattr(fused_cpu, "forward", lambda *args, **kw: outs.append(
+        kw.get("out") is not None) or real(*args, **kw))
+    expect = model(x).detach()
+    assert len(outs) == 16 and not any(outs)  # gradient recorded: never
+    outs.clear()
+    with torch.no_grad():
+        assert_close(model(x), expect, rtol=0, atol=0)
+    assert outs == [True] * 16
+    block = model.layer1[0]
+
+    def conv3_output():
+        with torch.no_grad():
+            return block.conv3(block.act2(block.bn2(block.conv2(block.act1(block.bn1(
+                block.conv1(model.maxpool(model.act1(model.bn1(model.conv1(x)))))))))))
+
+    for module in (block.conv3, block.bn3, block.se):
+        kept = []
+        handle = module.register_forward_hook(
+            lambda m, args, out: kept.append(args[0] if m is block.se else out))
+        outs.clear()
+        with torch.no_grad():
+            assert_close(model(x), expect, rtol=0, atol=0)
+        handle.remove()
+        assert outs == [False] + [True] * 15
+        assert_close(kept[0], conv3_output(), rtol=0, atol=0)
+    kept = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: kept.append(out) if m is block.conv3 else None)
+    outs.clear()
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert not any(outs) and torch.equal(kept[0], conv3_output())
+    # Without the hook check, the hook's tensor would have been written over.
+    monkeypatch.setattr(resnet, "_may_overwrite", lambda *m: not torch.is_grad_enabled())
+    kept = []
+    handle = block.conv3.register_forward_hook(lambda m, args, out: kept.append(out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert not torch.equal(kept[0], conv3_output())
