@@ -374,7 +374,8 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
 
 def _dense(t: Tensor) -> bool:
     """Whether ``t`` is stored contiguously as NCHW or as channels_last."""
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    return t.is_contiguous() or (t.dim() == 4 and
+                                 t.is_contiguous(memory_format=torch.channels_last))
 
 
 _fused_forward = torch.library.custom_op("sge::fused_forward", mutates_args=(),
