@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+import models
+from models import resnet
 from sge import SpatialGroupEnhance, fused_cpu
 from sge.fused import FusedSpatialGroupEnhance
 from tests import test_fused
@@ -461,9 +463,6 @@ def test_model_inference_overwrites_only_unhooked_conv_outputs(channels_last, mo
     # same numbers as with a gradient recorded; a forward hook that may have kept that
     # tensor (on the conv, the deferred BN or the SGE module, or a global one) turns it off
     # for its block and keeps what the hook saw intact.
-    import models
-    import models.resnet as resnet
-
     model = models.create_model("sge_resnet50", **test_fused.NARROW).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     if channels_last:
