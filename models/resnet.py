@@ -48,8 +48,9 @@ def _may_overwrite(*producers: nn.Module) -> bool:
     modules or global, could have kept a reference to that tensor."""
     if torch.is_grad_enabled():
         return False
-    hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+    hooks = nn.modules.module  # torch's global hooks (private names: missing means "maybe")
+    if getattr(hooks, "_global_forward_hooks", True) or \
+            getattr(hooks, "_global_forward_pre_hooks", True):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in producers)
 
