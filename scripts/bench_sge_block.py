@@ -68,10 +68,12 @@ class Tail(nn.Module):
             nn.init.normal_(self.sge.weight, std=0.5)
             nn.init.normal_(self.sge.bias, std=0.5)
 
-    def forward(self, z, identity, overwrite=False):
+    def forward(self, z, identity):
         x = self.bn(z)
-        if isinstance(self.sge, FusedSpatialGroupEnhance):  # overwrite: as the models' blocks
-            return self.sge(x, residual=identity, overwrite_input=overwrite)
+        if isinstance(self.sge, FusedSpatialGroupEnhance):
+            # As the models' blocks (no hooks here): written over z when no gradient is
+            # being recorded
+            return self.sge(x, residual=identity, overwrite_input=True)
         if self.sge is not None:
             x = self.sge(x)
         x += identity  # in place, as timm's blocks: no fresh tensors (page faults on a CPU)
@@ -129,13 +131,13 @@ def stage_cases(args, channels, side, device, dtype, fmt):
         frozen.bn.running_mean.normal_(0, 0.1)
         frozen.bn.running_var.uniform_(0.5, 1.5)
 
-        # The fused tail writes its output over its input there, as the models' blocks do
-        # (on the C++ path): its own copy of z, overwritten call after call.
+        # The fused tail writes its output over its input there (on the C++ path): its own
+        # copy of z, overwritten call after call.
         z_own = z.detach().clone() if kind == "fused" else z
 
         def infer(tail=frozen, z_own=z_own):
             with torch.no_grad(), autocast:
-                return tail(z_own, identity, overwrite=kind == "fused")
+                return tail(z_own, identity)
         cases[f"{name} infer"] = infer
     # The fused tail's op alone, with the statistics that tail uses.
     bn, sge = tails["fused"].bn, tails["fused"].sge
