@@ -7,9 +7,8 @@ A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) +
 which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This times that
 tail alone, forward and forward+backward in training mode and inference (eval mode, BN's
 running statistics, no_grad; the fused tail writes over its input there, as in the models),
-on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7)
-for ResNet (BN), the fused SGE and the reference SGE, all in one process, alternating.
-Beside them: one copy of the conv output (read + write), the floor a memory-bound pass
+on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), the fused
+SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the conv output (read + write), the floor a memory-bound pass
 costs, and the fused op's own forward and backward kernels.
 Whole-model figures are ``scripts/bench_sge.py``'s; this says which stage and which pass
 the difference comes from.

@@ -665,14 +665,12 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         keep = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad
             for t in (x, *bn, self.weight, self.bias, residual))
+        args = (x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args, keep)
         if torch.compiler.is_compiling():
-            args = (x, *bn, *stats, self.weight, self.bias, residual, self.groups, *bn_args, keep)
             return _fused_forward(*args)[0]
         if overwrite_input and not torch.is_grad_enabled():  # no backward: no autograd node
-            return _forward_parts(x, *bn, *stats, self.weight, self.bias, residual, self.groups,
-                                  bn_args[1], False, overwrite=True)[0]
-        return _EagerFused.apply(x, *bn, *stats, self.weight, self.bias, residual, self.groups,
-                                 *bn_args, keep)
+            return _forward_parts(*args[:10], bn_args[1], keep, overwrite=True)[0]
+        return _EagerFused.apply(*args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"
