@@ -41,23 +41,44 @@ def _folds_tail(block, x) -> bool:
             and (not torch.compiler.is_compiling() or x.device.type == "cpu"))
 
 
-def _may_overwrite(*producers: nn.Module) -> bool:
-    """Whether a block may let its fused SGE write the output over its input (the block's
-    own temporary, made by ``producers``: the last conv and BN, then the SGE module): only
-    when no gradient is being recorded, and when no forward hook or pre-hook, on those
-    modules or global, could have kept a reference to that tensor."""
-    if torch.is_grad_enabled():
-        return False
-    hooks = nn.modules.module  # torch's global hooks (private names: missing means "maybe")
+def _unhooked(*modules: nn.Module) -> bool:
+    """Whether no forward hook or pre-hook is set on ``modules`` or globally (torch's private
+    names: missing means "maybe")."""
+    hooks = nn.modules.module
     if getattr(hooks, "_global_forward_hooks", True) or \
             getattr(hooks, "_global_forward_pre_hooks", True):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in producers)
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _may_overwrite(*producers: nn.Module) -> bool:
+    """Whether a block may let its fused SGE write the output over its input (the block's
+    own temporary, made by ``producers``: the last conv and BN, then the SGE module): only
+    when no gradient is being recorded, and when no hook could have kept a reference to that
+    tensor."""
+    return not torch.is_grad_enabled() and _unhooked(*producers)
+
+
+def _shortcut(downsample, x):
+    """``(shortcut, norm)``: a downsampling shortcut ending in a plain BatchNorm2d (timm's
+    ``Sequential(conv, bn)``, with an average pool first in ResNet-D) is run up to that BN,
+    which is returned for the fused SGE to apply as it reads the shortcut (its output is
+    then never written). Not when a hook on the shortcut or its BN would miss the call."""
+    if downsample is None:
+        return x, None
+    if type(downsample) is not nn.Sequential or len(downsample) < 2 or \
+            type(downsample[-1]) is not nn.BatchNorm2d or \
+            not _unhooked(downsample, downsample[-1]):
+        return downsample(x), None
+    for module in list(downsample)[:-1]:
+        x = module(x)
+    return x, downsample[-1]
 
 
 class SGEBottleneck(Bottleneck):
-    """timm's Bottleneck, whose fused SGE also does the residual add and the ReLU: the
-    block's output is written in one pass where ResNet makes three (BN, add, ReLU). Same
+    """timm's Bottleneck, whose fused SGE also does the residual add and the ReLU (and a
+    downsampling shortcut's BN): the block's output is written in one pass where ResNet
+    makes three (BN, add, ReLU). Same
     modules, keys and outputs; other SGE blocks (reference, drop path) run timm's forward."""
 
     def forward(self, x):
@@ -67,9 +88,8 @@ class SGEBottleneck(Bottleneck):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
         x = self.bn3(self.conv3(x))
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.se(x, residual=shortcut,
+        shortcut, norm = _shortcut(self.downsample, shortcut)
+        return self.se(x, residual=shortcut, residual_norm=norm,
                        overwrite_input=_may_overwrite(self.conv3, self.bn3, self.se))
 
 
@@ -82,9 +102,8 @@ class SGEBasicBlock(BasicBlock):
         shortcut = x
         x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
         x = self.bn2(self.conv2(x))
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        return self.se(x, residual=shortcut,
+        shortcut, norm = _shortcut(self.downsample, shortcut)
+        return self.se(x, residual=shortcut, residual_norm=norm,
                        overwrite_input=_may_overwrite(self.conv2, self.bn2, self.se))
 
 

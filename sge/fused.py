@@ -342,13 +342,19 @@ def _forward_impl(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
 
 
 def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
-                   bn_eps, keep, overwrite=False):
+                   bn_eps, keep, overwrite=False, residual_bn=None):
     """``(y, (chat, sigma, m))``, or ``(y, None)`` where the Triton kernels kept no
     statistics (their backward recomputes them). The chunked ones keep theirs as
     ``(empty, (N, G, 2) mean and std of c, (N, C) channel means of z - mean)``.
     ``overwrite`` (only without ``keep``): ``y`` may be written over ``z`` (the C++ kernels
-    do, when ``z`` is stored contiguously in its layout; the other paths allocate ``y``)."""
+    do, when ``z`` is stored contiguously in its layout; the other paths allocate ``y``).
+    ``residual_bn`` (``_bn``'s tuple): the residual's own BN, which the C++ kernels apply
+    as they read the residual (see ``_takes_residual_norm``); other paths apply it first."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
+    if residual_bn is not None and not fused_cpu.applies(z):
+        rmean, rvar, rbn_weight, rbn_bias, rbn_eps = residual_bn
+        residual, residual_bn = _apply_norm(residual, rbn_weight, rbn_bias, rmean, rvar,
+                                            rbn_eps), None
     # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
     # op, and entering the context costs host time on every call.
     if fused_triton.applies(z, groups):  # the residual's add and ReLU included
@@ -365,7 +371,7 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
         if fused_cpu.applies(z):  # outputs in z's layout (NCHW or channels_last)
             out = z if overwrite and not keep and _dense(z) else None
             y, *stats = fused_cpu.forward(z, bn, weight, bias, groups, keep, residual, zmean,
-                                          out=out)
+                                          out=out, residual_bn=residual_bn)
         else:
             y, *stats = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
                                     bn_eps, keep, residual)
@@ -404,7 +410,7 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # y: the forward's output when it had a residual (ReLU's backward is done here too).
     # Custom-op outputs cannot be None: empty tensors stand for "no gradient".
-    dz, dres, dweight, dbias, dbn_weight, dbn_bias = _backward_parts(
+    dz, dres, dweight, dbias, dbn_weight, dbn_bias, _, _ = _backward_parts(
         dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
         bn_eps)
     if dbn_weight is None:
@@ -413,32 +419,43 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
 
 
 def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                    bn_training, bn_eps):
-    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``; None for the residual's
-    gradient without a residual and for BN's without an affine BN (the C++ kernels' path
-    gives empty tensors there). ``chat, sigma, m``: the forward's statistics (from the
-    Triton kernels, those of the chunked ones, or none)."""
+                    bn_training, bn_eps, residual=None, rbn_weight=None, rbn_bias=None,
+                    rmean=None, rvar=None, rbn_training=False, rbn_eps=0.0):
+    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias)``;
+    None for the residual's gradient without a residual and for BN's without an affine BN
+    (the C++ kernels' path gives empty tensors there). ``chat, sigma, m``: the forward's
+    statistics (from the Triton kernels, those of the chunked ones, or none). With the
+    residual's own BN (``rmean``, ``rvar``; ``residual`` its input), its backward too:
+    ``dresidual`` is then its input gradient, the last two its parameters' gradients."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
+    rbn = _bn(rbn_weight, rbn_bias, rmean, rvar, rbn_eps)
     triton = fused_triton.applies(dy, weight.shape[1])
     if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
         with _no_autocast(dy):  # ReLU's backward included; gradients in dy's layout
-            return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight, bias)
-    dres = None
+            return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight, bias,
+                                      residual, rbn, rbn_training)
+    dres, drbn = None, (None, None)
     if y is not None:  # ReLU's backward; the add passes its gradient to both branches
         dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
+        if rbn is not None:  # the residual's BN (when its kernels were not there for this)
+            dres, *drbn = torch.ops.aten.native_batch_norm_backward(
+                dres, residual, rbn_weight, rmean, rvar, rmean,
+                torch.rsqrt(rvar + rbn_eps), rbn_training, rbn_eps,
+                [True, rbn_weight is not None, rbn_weight is not None])
+            dres = _keep_format(dres, dy)
     if triton:  # outside _no_autocast (host time)
         kept = (m, sigma) if m is not None and m.numel() else None  # the chunked kernels'
         grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1],
                                       kept)
         if grads is not None:
-            return grads[0], dres, *grads[1:]
+            return grads[0], dres, *grads[1:], *drbn
     with _no_autocast(dy):
         if triton:  # not buildable here (notice given): the PyTorch path's statistics
             _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
                                             weight.shape[1], bn_eps)
         dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                   bias, bn_training, bn_eps)
-    return dz, dres, *grads
+    return dz, dres, *grads, *drbn
 
 
 _fused_backward = torch.library.custom_op("sge::fused_backward", mutates_args=(),
@@ -454,28 +471,43 @@ def _(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_
             torch.empty_like(weight), torch.empty_like(bias), like(bn_weight), like(bn_weight))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, residual_bn=()):
+    """``residual_bn``: ``(rbn_weight, rbn_bias, rmean, rvar, rbn_training, rbn_eps)`` when the
+    op applied the residual's own BN (eager calls only)."""
     z, bn_weight, bn_bias, mean, var, _, weight, bias, residual, _, bn_training, bn_eps, _ = \
         inputs
     y, chat, sigma, m = output
     # With a residual, ReLU's backward needs the output: the block's output, which the next
-    # block's convolution keeps anyway (no extra memory).
+    # block's convolution keeps anyway (no extra memory). The residual itself only with its
+    # own BN, whose backward needs it (as nn.BatchNorm2d would have kept it).
     ctx.residual = residual is not None
     ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                          y if ctx.residual else None)
+                          y if ctx.residual else None,
+                          *((residual, *residual_bn[:4]) if residual_bn else ()))
     ctx.bn = (bn_training, bn_eps)
+    ctx.rbn = tuple(residual_bn[4:])
 
 
 def _backward_with(op, ctx, dy):
-    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y = ctx.saved_tensors
-    dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = op(
-        dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
+    """The gradients of the op's inputs: its 13, then with ``_backward_parts`` as ``op``
+    (eager calls) the 6 of the residual's BN arguments."""
+    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y, *rsaved = \
+        ctx.saved_tensors
+    outs = op(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn,
+              *rsaved, *ctx.rbn)
+    dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = outs[:6]
     if not ctx.residual:
         dresidual = None
     if dbn_weight is None or dbn_weight.numel() == 0:
         dbn_weight = dbn_bias = None
-    return (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias, dresidual, None, None,
-            None, None)
+    grads = (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias, dresidual, None, None,
+             None, None)
+    if len(outs) == 6:
+        return grads
+    drbn_weight, drbn_bias = outs[6:]
+    if drbn_weight is None or drbn_weight.numel() == 0:
+        drbn_weight = drbn_bias = None
+    return (*grads, drbn_weight, drbn_bias, None, None, None, None)
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -510,11 +542,15 @@ class _EagerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        # The custom op's 13 inputs, then the residual's own BN: rbn_weight, rbn_bias, rmean,
+        # rvar (None without it), rbn_training, rbn_eps.
         z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups, _, bn_eps, \
-            keep = inputs
+            keep = inputs[:13]
+        rbn = _bn(*inputs[13:17], inputs[18])
         y, stats = _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias,
-                                  residual, groups, bn_eps, keep)
-        _setup_context(ctx, inputs, (y, *(stats or (None,) * 3)))
+                                  residual, groups, bn_eps, keep, residual_bn=rbn)
+        _setup_context(ctx, inputs[:13], (y, *(stats or (None,) * 3)),
+                       inputs[13:] if rbn is not None else ())
         ctx.channels_last = z.dim() == 4 and not z.is_contiguous() and \
             z.is_contiguous(memory_format=torch.channels_last)
         return y
@@ -602,6 +638,14 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
     return mean, var, zmean
 
 
+def _takes_residual_norm(x: Tensor, residual: Tensor) -> bool:
+    """Whether the op applies the residual's BN itself: in eager calls where the C++ kernels
+    run (under torch.compile the BN stays Inductor's; the Triton and PyTorch paths have no
+    such pass)."""
+    return (not torch.compiler.is_compiling() and residual.dtype == x.dtype
+            and fused_cpu.applies(x))
+
+
 class FusedSpatialGroupEnhance(SpatialGroupEnhance):
     """The reference layer's parameters, keys and outputs, computed by the fused ops.
 
@@ -639,9 +683,16 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         return norm if type(norm) is DeferredBatchNorm2d else None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None,
-                overwrite_input: bool = False) -> Tensor:
+                overwrite_input: bool = False,
+                residual_norm: Optional[nn.BatchNorm2d] = None) -> Tensor:
         """``SGE(x)``; with ``residual``, the block's tail ``relu(SGE(x) + residual)`` in the
         same pass (where ResNet runs BN, the add and the ReLU as three).
+
+        ``residual_norm``: the BatchNorm2d that ends a downsampling shortcut, whose input
+        ``residual`` then is: the tail is ``relu(SGE(x) + residual_norm(residual))``. The C++
+        kernels apply it as they read the residual and do its backward in theirs, so its
+        output is never written (nor its input gradient allocated apart); elsewhere it is
+        called here as a module. Its running statistics update once per call either way.
 
         ``overwrite_input``: ``x`` is the caller's own temporary, which nothing reads
         afterwards; when no gradient is being recorded (``no_grad``, ``inference_mode``) and
@@ -655,6 +706,19 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"SGE's residual has shape {tuple(residual.shape)}, its input "
                              f"{tuple(x.shape)}: they must match")
+        rbn = (None,) * 4 + (False, 0.0)  # the residual's BN, folded into the op
+        if residual_norm is not None:
+            if residual is None or residual_norm.num_features != self.channels:
+                raise ValueError(f"SGE's residual_norm needs a residual of {self.channels} "
+                                 f"channels, got {residual_norm!r} for "
+                                 f"{None if residual is None else tuple(residual.shape)}")
+            if _takes_residual_norm(x, residual):
+                rmean, rvar, _ = _batch_stats(residual_norm, residual)
+                rbn = (residual_norm.weight, residual_norm.bias, rmean, rvar,
+                       residual_norm.training or not residual_norm.track_running_stats,
+                       residual_norm.eps)
+            else:
+                residual = residual_norm(residual)
         norm = self._deferred_norm()
         if norm is None:
             bn, stats, bn_args = (None, None), (None, None, None), (False, 0.0)
@@ -669,8 +733,9 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         if torch.compiler.is_compiling():
             return _fused_forward(*args)[0]
         if overwrite_input and not torch.is_grad_enabled():  # no backward: no autograd node
-            return _forward_parts(*args[:10], bn_args[1], keep, overwrite=True)[0]
-        return _EagerFused.apply(*args)
+            return _forward_parts(*args[:10], bn_args[1], keep, overwrite=True,
+                                  residual_bn=_bn(*rbn[:4], rbn[5]))[0]
+        return _EagerFused.apply(*args, *rbn)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"

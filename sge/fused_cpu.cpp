@@ -144,11 +144,12 @@ struct Scratch {
 
 // One (sample, group) tile of an NCHW map: K channel rows of P positions each, contiguous.
 // chat, sigma, m: where to keep the statistics, or null. zmean: the K channels' means over
-// the positions when known (batch_stats computes them), or null.
+// the positions when known (batch_stats computes them), or null. rbn: the residual's own BN
+// (the shortcut's, applied as the residual is read; off: the residual as it is).
 template <typename T>
 void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t ch0,
-                  const Affine<T>& bn, T gamma, T beta, T eps, T* chat, T* sigma, T* m,
-                  const T* zmean, Scratch<T>& s) {
+                  const Affine<T>& bn, const Affine<T>& rbn, T gamma, T beta, T eps, T* chat,
+                  T* sigma, T* m, const T* zmean, Scratch<T>& s) {
   const T dof = T(std::max<int64_t>(P - 1, 1));
   T* ct = chat ? chat : s.a.data();
   T* mk = m ? m : s.m.data();
@@ -193,7 +194,14 @@ void forward_tile(const T* zt, T* yt, const T* rt, int64_t P, int64_t K, int64_t
     const T a = bn.a(ch0 + k), b = bn.b(ch0 + k);
     const T* zr = zt + k * P;
     T* yr = yt + k * P;
-    if (rt) {
+    if (rt && rbn.on()) {
+      const T* rr = rt + k * P;
+      const T ra = rbn.scale[ch0 + k], rb = rbn.shift[ch0 + k];
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        yr[p] = std::max((zr[p] * a + b) * gate[p] + (rr[p] * ra + rb), T(0));
+      }
+    } else if (rt) {
       const T* rr = rt + k * P;
       // std::max(v, 0) keeps a NaN, as torch.relu does.
 #pragma omp simd
@@ -319,10 +327,16 @@ struct RowOps {
     group_sums(row.data(), t, gw, K);
   }
   // y = x gate_g, or relu(x gate_g + r) with a residual r (std::max keeps a NaN, as
-  // torch.relu does)
-  void gated(const T* zr, const T* a, const T* b, const T* gate, const T* rr, T* yr) {
+  // torch.relu does), r = rr ra + rb when the residual has its own BN (ra, rb non-null)
+  void gated(const T* zr, const T* a, const T* b, const T* gate, const T* rr, const T* ra,
+             const T* rb, T* yr) {
     expand(gate, row.data(), gw, K);
-    if (rr) {
+    if (rr && ra) {
+#pragma omp simd
+      for (int64_t k = 0; k < cw; ++k) {
+        yr[k] = std::max((zr[k] * a[k] + b[k]) * row[k] + (rr[k] * ra[k] + rb[k]), T(0));
+      }
+    } else if (rr) {
 #pragma omp simd
       for (int64_t k = 0; k < cw; ++k) {
         yr[k] = std::max((zr[k] * a[k] + b[k]) * row[k] + rr[k], T(0));
@@ -397,7 +411,7 @@ struct LaneOps {
     }
   }
   void gated(const float* zr, const float* a, const float* b, const float* gate,
-             const float* rr, float* yr) {
+             const float* rr, const float* ra, const float* rb, float* yr) {
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t c0 = 0; c0 < cw; c0 += 64) {
       const __m512 gv = gload<K>(gate + c0 / K);
@@ -406,7 +420,9 @@ struct LaneOps {
         const __m512 v = _mm512_mul_ps(x_of(zr, a, b, c), gexpand<K>(gv, j, L));
         // max(0, v) gives v when v is NaN (the second operand), as torch.relu does
         const __m512 out =
-            rr ? _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_loadu_ps(rr + c))) : v;
+            rr ? _mm512_max_ps(zero, _mm512_add_ps(v, ra ? x_of(rr, ra, rb, c)
+                                                         : _mm512_loadu_ps(rr + c)))
+               : v;
         _mm512_storeu_ps(yr + c, out);
       }
     }
@@ -488,11 +504,12 @@ void with_row_ops(int64_t K, int64_t gw, F&& f) {
 // per-(position, group) values are kept by row (P x gw, K times smaller than the task's map).
 template <typename T, typename Ops>
 void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
-                  int64_t ch0, const Affine<T>& bn, const T* gamma, const T* beta, T eps,
-                  T* chat, T* sigma, T* m, const T* zmean, Ops& ops) {
+                  int64_t ch0, const Affine<T>& bn, const Affine<T>& rbn, const T* gamma,
+                  const T* beta, T eps, T* chat, T* sigma, T* m, const T* zmean, Ops& ops) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
+  const auto [ra, rb] = affine_rows(rbn, ch0, rbn.on() ? cw : 0);  // the residual's BN
   std::vector<T> w(cw), mean(gw), inv(gw);
   T* t = reused<T>(0, P * gw);
   ColumnSums<T> zs(cw);
@@ -550,7 +567,8 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
     T* tr = t + p * gw;
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * tr[g] + beta[g]);
-    ops.gated(z + p * C, a.data(), b.data(), tr, r ? r + p * C : nullptr, y + p * C);
+    ops.gated(z + p * C, a.data(), b.data(), tr, r ? r + p * C : nullptr,
+              rbn.on() ? ra.data() : nullptr, rbn.on() ? rb.data() : nullptr, y + p * C);
   }
 }
 
@@ -630,8 +648,9 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& weight,
-                  const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& y,
+void forward_impl(const at::Tensor& z, const Affine<T>& bn, const Affine<T>& rbn,
+                  const at::Tensor& weight, const at::Tensor& bias,
+                  const at::Tensor& residual, const at::Tensor& y,
                   const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
                   const at::Tensor& zmean, int64_t groups, bool keep, bool channels_last,
                   double eps_) {
@@ -651,7 +670,8 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
   // The statistics of (sample n, group g), the tile's rows: row = n * groups + g.
   auto tile = [&](const T* zt, T* yt, const T* rt, int64_t row, Scratch<T>& s) {
     const int64_t g = row % groups;
-    forward_tile(zt, yt, rt, P, K, g * K, bn, wp[g], bp[g], eps, keep ? chatp + row * P : nullptr,
+    forward_tile(zt, yt, rt, P, K, g * K, bn, rbn, wp[g], bp[g], eps,
+                 keep ? chatp + row * P : nullptr,
                  keep ? sigmap + row : nullptr, keep ? mp + row * K : nullptr,
                  zmp ? zmp + row * K : nullptr, s);
   };
@@ -672,7 +692,7 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const at::Tensor& we
       const int64_t row = sp.n * groups + sp.g0;
       with_row_ops<T>(K, sp.g1 - sp.g0, [&](auto& ops) {
         forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
-                     sp.g0 * K, bn, wp + sp.g0, bp + sp.g0, eps,
+                     sp.g0 * K, bn, rbn, wp + sp.g0, bp + sp.g0, eps,
                      keep ? chatp + row * P : nullptr, keep ? sigmap + row : nullptr,
                      keep ? mp + row * K : nullptr, zmp ? zmp + row * K : nullptr, ops);
       });
@@ -774,6 +794,54 @@ void bn_input_grad_impl(const at::Tensor& dx, const at::Tensor& z, const std::ve
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) xr[p] *= av;
       }
+    }
+  });
+}
+
+// The per-(n, c) sums of g and g * z ((2, N, C), as the SGE kernels give them for dx) that
+// BN's backward needs, for the residual's BN: its gradient g is written by the SGE backward.
+template <typename T>
+void channel_sums_impl(const at::Tensor& g, const at::Tensor& z, const at::Tensor& sums,
+                       bool channels_last) {
+  const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  const T* gp = g.const_data_ptr<T>();
+  const T* zp = z.const_data_ptr<T>();
+  T* sp = sums.mutable_data_ptr<T>();
+  if (channels_last) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const T* gn = gp + n * P * C;
+        const T* zn = zp + n * P * C;
+        ColumnSums<T> sg(C), sgz(C);
+        for (int64_t p = 0; p < P; ++p) {
+          T* acc = sg.row();
+          T* acc2 = sgz.row();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            acc[c] += gn[p * C + c];
+            acc2[c] += gn[p * C + c] * zn[p * C + c];
+          }
+          sg.done(p, P);
+          sgz.done(p, P);
+        }
+        std::copy(sg.total.begin(), sg.total.end(), sp + n * C);
+        std::copy(sgz.total.begin(), sgz.total.end(), sp + N * C + n * C);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* gr = gp + row * P;
+      const T* zr = zp + row * P;
+      T sg = 0, sgz = 0;
+#pragma omp simd reduction(+ : sg, sgz)
+      for (int64_t p = 0; p < P; ++p) {
+        sg += gr[p];
+        sgz += gr[p] * zr[p];
+      }
+      sp[row] = sg;
+      sp[N * C + row] = sgz;
     }
   });
 }
@@ -884,6 +952,19 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   }
 }
 
+// The residual's BN needs a residual, and C-channel statistics and parameters (affine_of
+// reads C of each).
+void check_residual_bn(const OptTensor& residual, const OptTensor& rbn_weight,
+                       const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar,
+                       int64_t C) {
+  if (!rmean) return;
+  TORCH_CHECK(residual && rvar && rmean->numel() == C && rvar->numel() == C &&
+                  (!rbn_weight || rbn_weight->numel() == C) &&
+                  (!rbn_bias || rbn_bias->numel() == C),
+              "sge_cpu: the residual's BN needs the residual and its ", C, " channels' "
+              "statistics and parameters");
+}
+
 // A per-channel vector of doubles as a tensor of ``like``'s type.
 at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) {
   at::Tensor t = at::empty({int64_t(v.size())}, like.options().dtype(at::kDouble));
@@ -895,17 +976,21 @@ at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) 
 // block's tail relu(SGE(BN(z)) + residual); chat, sigma, m for the backward when keep.
 // out: where y goes instead of a new tensor (y is then returned empty), of z's shape, type
 // and layout; it may be z itself, since every element of z is read before y is written at
-// the same place (the kernels' last pass goes element by element).
+// the same place (the kernels' last pass goes element by element). rmean, rvar (and the
+// optional rbn_weight, rbn_bias): the residual's own BN (a downsampling shortcut's), applied
+// as the residual is read, so that its output is never written.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
-    const OptTensor& zmean, const OptTensor& out) {
+    const OptTensor& zmean, const OptTensor& out, const OptTensor& rbn_weight,
+    const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar, double rbn_eps) {
   const bool cl = is_channels_last(z_in);
   const at::Tensor z = z_in.contiguous(format_of(cl));
   TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
               "sge_cpu: the residual must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
+  check_residual_bn(residual, rbn_weight, rbn_bias, rmean, rvar, C);
   TORCH_CHECK(!zmean || zmean->numel() == 0 || zmean->sizes() == at::IntArrayRef({N, C}),
               "sge_cpu: zmean must be the input's (N, C) channel means");
   const bool means = zmean && zmean->numel() > 0;
@@ -921,6 +1006,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_forward", [&] {
     using T = scalar_t;
     forward_impl<T>(z, affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C),
+                    affine_of<T>(rbn_weight, rbn_bias, rmean, rvar, rbn_eps, C),
                     as_type<T>(weight), as_type<T>(bias),
                     residual ? as_type<T>(*residual, format_of(cl)) : at::Tensor(), y, chat,
                     sigma, m, means ? as_type<T>(*zmean) : at::Tensor(), groups, keep, cl, eps);
@@ -928,27 +1014,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   return {out ? z.new_empty({0}) : y, chat, sigma, m};
 }
 
-// (dz, dresidual, dweight, dbias, dbn_weight, dbn_bias): forward's gradients, BN's backward
-// included (batch statistics when bn_training). dresidual is empty without y_out (forward's
-// output, given when it had a residual), BN's gradients without BN parameters.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
-    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-    const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
-    const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
-    const at::Tensor& bias, double eps) {
+// (dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias): forward's
+// gradients, BN's backward included (batch statistics when bn_training). dresidual is empty
+// without y_out (forward's output, given when it had a residual), BN's gradients without BN
+// parameters. With the residual's BN (rmean, rvar; the residual is then its input), its
+// backward too (batch statistics when rbn_training): dresidual is its input gradient,
+// written over ReLU's gradient in place, and drbn_weight, drbn_bias its parameters' (empty
+// without them, or without its BN).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
+         const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+         const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
+         const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
+         const at::Tensor& bias, double eps, const OptTensor& residual,
+         const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
+         const OptTensor& rvar, double rbn_eps, bool rbn_training) {
   const bool cl = is_channels_last(dy_in);  // the layout of dy and of the gradients
   const at::Tensor z = z_in.contiguous(format_of(cl));
   const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous(format_of(cl));
   TORCH_CHECK(dy.sizes() == z.sizes() && (!y_out || y_out->sizes() == z.sizes()),
               "sge_cpu: dy and y_out must have the input's shape");
   const int64_t N = z.size(0), C = z.size(1), groups = chat.size(1);
+  check_residual_bn(residual, rbn_weight, rbn_bias, rmean, rvar, C);
+  TORCH_CHECK(!rmean || (y_out && residual->sizes() == z.sizes()),
+              "sge_cpu: the residual's BN needs the forward's output and the residual");
   const at::Tensor yo =
       y_out ? y_out->to(z.scalar_type()).contiguous(format_of(cl)) : at::Tensor();
   const at::Tensor dres = y_out ? at::empty_like(dy) : dy.new_empty({0});
   const at::Tensor dx = at::empty_like(dy);
   const at::Tensor dw = chat.new_empty({N, groups}), db = chat.new_empty({N, groups});
   at::Tensor dbn_weight = dy.new_empty({0}), dbn_bias = dy.new_empty({0});
+  at::Tensor drbn_weight = dy.new_empty({0}), drbn_bias = dy.new_empty({0});
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sge_cpu_backward", [&] {
     using T = scalar_t;
     const Affine<T> bn = affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C);
@@ -962,10 +1059,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dbn_bias = channel_tensor(grads.second, bn_bias ? *bn_bias : *bn_weight);
       }
     }
+    const Affine<T> rbn = affine_of<T>(rbn_weight, rbn_bias, rmean, rvar, rbn_eps, C);
+    if (rbn.on()) {  // ReLU's gradient in dres becomes the residual BN's input gradient
+      const at::Tensor zr = as_type<T>(*residual, format_of(cl));
+      const at::Tensor rsums = z.new_empty({2, N, C});
+      channel_sums_impl<T>(dres, zr, rsums, cl);
+      const auto grads = bn_backward<T>(dres, zr, rbn, rsums, rbn_training, cl);
+      if (rbn_weight) {
+        drbn_weight = channel_tensor(grads.first, *rbn_weight);
+        drbn_bias = channel_tensor(grads.second, rbn_bias ? *rbn_bias : *rbn_weight);
+      }
+    }
   });
   const std::vector<int64_t> shape{1, groups, 1, 1};
   return {dx, dres, dw.sum(0).view(shape).to(weight.scalar_type()),
-          db.sum(0).view(shape).to(bias.scalar_type()), dbn_weight, dbn_bias};
+          db.sum(0).view(shape).to(bias.scalar_type()), dbn_weight, dbn_bias, drbn_weight,
+          drbn_bias};
 }
 
 // BN's batch statistics (mean, biased variance) of a contiguous NCHW or channels_last map,
@@ -996,12 +1105,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
 TORCH_LIBRARY(sge_cpu, lib) {
   lib.def("forward(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
           "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
-          "float eps, Tensor? zmean, Tensor(a!)? out) -> (Tensor, Tensor, Tensor, Tensor)",
+          "float eps, Tensor? zmean, Tensor(a!)? out, Tensor? rbn_weight, Tensor? rbn_bias, "
+          "Tensor? rmean, Tensor? rvar, float rbn_eps) -> (Tensor, Tensor, Tensor, Tensor)",
           &forward);
   lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
-          "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
+          "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps, Tensor? residual, "
+          "Tensor? rbn_weight, Tensor? rbn_bias, Tensor? rmean, Tensor? rvar, float rbn_eps, "
+          "bool rbn_training) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
   lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "float momentum) -> (Tensor, Tensor, Tensor)", &batch_stats);
 }

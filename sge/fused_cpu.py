@@ -106,29 +106,35 @@ def _bn_args(bn) -> tuple:
 
 
 def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool,
-            residual=None, zmean=None, out=None):
+            residual=None, zmean=None, out=None, residual_bn=None):
     """``(y, chat, sigma, m)`` like ``sge.fused.sge_forward`` (``y`` in ``z``'s layout, NCHW
     or channels_last; empty statistics without ``keep``), ``bn = (mean, var, bn_weight,
     bn_bias, eps)`` the BN the kernel applies first (weight and bias may be None) or None.
-    With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written.
+    With a ``residual``, ``y = relu(SGE(x) + residual)``, added as each tile is written;
+    ``residual_bn`` (as ``bn``): the residual's own BN (a downsampling shortcut's), applied
+    as the residual is read, ``y = relu(SGE(x) + BN(residual))``.
     ``zmean``: ``z``'s (N, C) channel means, from ``batch_stats`` (one pass less), or None.
     ``out``: where ``y`` goes (then also returned as ``y``), of ``z``'s shape, dtype and
     layout; ``z`` itself is allowed."""
     y, *stats = _ops().forward(z, *_bn_args(bn), weight, bias, residual, groups, keep, EPS,
-                               zmean, out)
+                               zmean, out, *_bn_args(residual_bn))
     return (y if out is None else out), *stats
 
 
 def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,
-             m: Tensor, weight: Tensor, bias: Tensor):
-    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``: ``forward``'s gradients
-    (``dz`` with respect to x without BN). ``y`` is forward's output when it had a residual
-    (ReLU's backward is done here too; ``dresidual`` is empty otherwise). BN's backward runs
-    in the same sweep (its per-channel sums of dx and dx * z), then its input gradient goes
-    into dx in place; BN's gradients are empty without its parameters. The map gradients
-    have ``dy``'s layout (NCHW or channels_last)."""
+             m: Tensor, weight: Tensor, bias: Tensor, residual=None, residual_bn=None,
+             residual_bn_training: bool = False):
+    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias)``:
+    ``forward``'s gradients (``dz`` with respect to x without BN). ``y`` is forward's output
+    when it had a residual (ReLU's backward is done here too; ``dresidual`` is empty
+    otherwise). BN's backward runs in the same sweep (its per-channel sums of dx and dx * z),
+    then its input gradient goes into dx in place; BN's gradients are empty without its
+    parameters. With ``residual_bn`` (and the ``residual`` it was applied to) its backward
+    too: ``dresidual`` is then its input gradient, and the last two its parameters'
+    gradients (empty otherwise). The map gradients have ``dy``'s layout (NCHW or
+    channels_last)."""
     return _ops().backward(dy, y, z, *_bn_args(bn), bn_training, chat, sigma, m, weight, bias,
-                           EPS)
+                           EPS, residual, *_bn_args(residual_bn), residual_bn_training)
 
 
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):

@@ -511,3 +511,175 @@ def test_model_inference_overwrites_only_unhooked_conv_outputs(channels_last, mo
         model(x)
     handle.remove()
     assert not torch.equal(kept[0], conv3_output())
+
+
+# A downsampling shortcut's BN (residual_norm): the kernels apply it as they read the
+# residual and do its backward too.
+
+def _shortcut_norm(c, dtype, training, affine, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    norm = nn.BatchNorm2d(c, affine=affine).to(dtype)
+    with torch.no_grad():
+        for p in (*norm.parameters(), norm.running_mean):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+        norm.running_var.uniform_(0.5, 2.0, generator=gen)
+    return norm.train(training)
+
+
+def _check_shortcut_norm(shape, dtype, training, channels_last, affine):
+    """The fused tail with ``residual_norm`` against BN + reference SGE + BN(residual), add and
+    ReLU: output, gradients (x, the residual, SGE's and both BNs' parameters), both BNs'
+    running statistics, and the no-grad output."""
+    n, c, h, w, g = shape
+    _, _, x, dy = _layer_case(shape, dtype, channels_last)
+    zr = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype) * 3 + 1
+    if channels_last:
+        zr = zr.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused, ((norm, sge), rnorm) in enumerate(
+            [(_bn_pair(c, g, dtype, training)[1], _shortcut_norm(c, dtype, training, affine)),
+             (_bn_pair(c, g, dtype, training)[0], _shortcut_norm(c, dtype, training, affine))]):
+        xi, ri = x.clone().requires_grad_(), zr.clone().requires_grad_()
+        if fused:
+            y = sge(norm(xi), residual=ri, residual_norm=rnorm)
+        else:
+            y = torch.relu(sge(norm(xi)) + rnorm(ri))
+        params = [xi, ri, sge.weight, sge.bias, *norm.parameters(), *rnorm.parameters()]
+        grads = torch.autograd.grad(y, params, dy)
+        stats = [t.clone() for t in (*norm.buffers(), *rnorm.buffers())]
+        with torch.no_grad():
+            y_infer = sge(norm(x), residual=zr, residual_norm=rnorm) if fused else \
+                torch.relu(sge(norm(x)) + rnorm(zr))
+        results.append((y, *grads, *stats, y_infer))
+        if fused and channels_last:
+            assert all(t.is_contiguous(memory_format=torch.channels_last)
+                       for t in (y, grads[0], grads[1]))
+    got, expect = results[1], results[0]
+    assert (got[0] == 0).any() and (got[0] > 0).any()  # both sides of the ReLU are taken
+    for a, b in zip(got, expect):
+        assert_close(a, b, **_tol(dtype))
+
+
+@pytest.fixture
+def residual_bns(monkeypatch):
+    """Records, per call of the kernels' forward and backward, whether it got the residual's
+    BN."""
+    seen = {"forward": [], "backward": []}
+    real_f, real_b = fused_cpu.forward, fused_cpu.backward
+    monkeypatch.setattr(fused_cpu, "forward", lambda *a, **kw: seen["forward"].append(
+        kw.get("residual_bn") is not None) or real_f(*a, **kw))
+    monkeypatch.setattr(fused_cpu, "backward", lambda *a, **kw: seen["backward"].append(
+        len(a) > 11 and a[11] is not None) or real_b(*a, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shortcut_norm_matches_reference(shape, dtype, training, channels_last, affine,
+                                         residual_bns):
+    _check_shortcut_norm(shape, dtype, training, channels_last, affine)
+    # The kernels applied it (forward with a gradient, then without), and did its backward.
+    expect = [True] if HAS_COMPILER else []
+    assert residual_bns == {"forward": expect * 2, "backward": expect}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_shortcut_norm_on_the_pytorch_path(training, pytorch_path, residual_bns):
+    # Without the kernels the module applies the shortcut's BN itself, as a module call.
+    _check_shortcut_norm(SHAPES[0], torch.float64, training, False, True)
+    assert residual_bns == {"forward": [], "backward": []}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("training", [True, False])
+def test_shortcut_norm_backward_without_the_kernels(training, monkeypatch):
+    # A forward that folded the shortcut's BN, then a backward where the kernels do not run
+    # (they were switched off in between): the PyTorch path does that BN's backward itself.
+    n, c, h, w, g = shape = SHAPES[0]
+    _, _, x, dy = _layer_case(shape, torch.float64, False)
+    zr = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = []
+    for switch in (False, True):
+        monkeypatch.setattr(fused_cpu, "ENABLED", True)
+        (norm, sge), rnorm = _bn_pair(c, g, torch.float64, training)[0], \
+            _shortcut_norm(c, torch.float64, training, True)
+        xi, ri = x.clone().requires_grad_(), zr.clone().requires_grad_()
+        y = sge(norm(xi), residual=ri, residual_norm=rnorm)
+        if switch:
+            monkeypatch.setattr(fused_cpu, "ENABLED", False)
+        grads.append(torch.autograd.grad(y, [xi, ri, *rnorm.parameters()], dy))
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_shortcut_norm_gradcheck(training):
+    block = test_fused._bound(training=training)
+    rnorm = _shortcut_norm(6, torch.float64, training, True)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    # A residual far from the ReLU's kink at 0 for gradcheck's finite differences.
+    zr = (torch.randn(2, 6, 3, 4, dtype=torch.float64) + 4).requires_grad_()
+    with torch.no_grad():
+        rnorm.weight.uniform_(0.5, 1.0)
+        rnorm.bias.fill_(6.0)
+
+    def fn(x, zr, *_params):  # gradcheck perturbs the parameters in place
+        return block.se(block.bn(x), residual=zr, residual_norm=rnorm)
+    params = (block.se.weight, block.se.bias, rnorm.weight, rnorm.bias)
+    assert torch.autograd.gradcheck(fn, (x, zr, *params))
+
+
+def test_shortcut_norm_is_checked():
+    block = test_fused._bound()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="residual_norm needs a residual of 6 channels"):
+        block.se(block.bn(x), residual_norm=nn.BatchNorm2d(6).double())
+    with pytest.raises(ValueError, match="residual_norm needs a residual of 6 channels"):
+        block.se(block.bn(x), residual=x, residual_norm=nn.BatchNorm2d(5).double())
+    if HAS_COMPILER:
+        weight, bias = torch.randn(1, 3, 1, 1), torch.randn(1, 3, 1, 1)
+        z, stats = torch.randn(2, 6, 3, 4), (torch.zeros(5), torch.ones(5), None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="residual's BN needs the residual and its 6"):
+            fused_cpu.forward(z, None, weight, bias, 3, False, z, residual_bn=stats)
+        with pytest.raises(RuntimeError, match="residual's BN needs the residual and its 6"):
+            fused_cpu.forward(z, None, weight, bias, 3, False, residual_bn=stats[:2] * 2 +
+                              (1e-5,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_folds_unhooked_shortcut_norms(channels_last, residual_bns):
+    # In a model's train step each downsampling block's SGE applies the shortcut's BN (4 of
+    # ResNet-50's 16 blocks), and the step matches the reference model (outputs, gradients,
+    # running statistics: tests/test_fused.py). A forward hook on the shortcut or its BN turns
+    # the fold off for that block, and sees the BN's real output.
+    ref, fused = test_fused._models()
+    if channels_last:
+        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
+    norm = fused.layer2[0].downsample[1]
+    kept = []
+    handle = norm.register_forward_hook(lambda m, args, out: kept.append(
+        (args[0], out, m.weight.detach().clone(), m.bias.detach().clone())))
+    out_r, grads_r = test_fused._train_step(ref, x, labels)
+    out_f, grads_f = test_fused._train_step(fused, x, labels)
+    handle.remove()
+    # This sge_resnet18's blocks 0, 2, 4 and 6 (of 0-7) downsample (the stem's 64 channels to
+    # 8 in the first); block 2's BN has the hook.
+    expect = [i in (0, 4, 6) for i in range(8)] if HAS_COMPILER else []
+    assert residual_bns == {"forward": expect, "backward": expect[::-1]}
+    assert_close(out_f, out_r)
+    for name in grads_r:
+        assert_close(grads_f[name], grads_r[name], msg=name)
+    for (key, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        assert_close(b, a, msg=key)  # both BNs' running statistics updated once
+    (inp, out, weight, bias), = kept  # (the train step has updated the parameters since)
+    assert_close(out, nn.functional.batch_norm(inp, None, None, weight, bias, True))
+    residual_bns["forward"].clear()
+    with torch.no_grad():
+        assert_close(fused.eval()(x), ref.eval()(x))
+    assert residual_bns["forward"] == ([i in (0, 2, 4, 6) for i in range(8)] if HAS_COMPILER
+                                       else [])
