@@ -859,12 +859,17 @@ std::pair<std::vector<double>, std::vector<double>> bn_backward(
   std::vector<T> a(bn.scale), b, d;
   if (training) b.resize(C), d.resize(C);
   std::vector<double> dgamma(C), dbeta(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double sum_dx = 0, sum_dxz = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      sum_dx += sp[n * C + c];
-      sum_dxz += sp[N * C + n * C + c];
+  // The samples' sums, sample by sample (rows of C: a channel at a time, they were read at a
+  // stride of C, which took most of a late stage's call).
+  std::vector<double> sums_dx(C, 0.0), sums_dxz(C, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      sums_dx[c] += sp[n * C + c];
+      sums_dxz[c] += sp[N * C + n * C + c];
     }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double sum_dx = sums_dx[c], sum_dxz = sums_dxz[c];
     const double inv = bn.invstd[c], mean = bn.mean[c], scale = bn.scale[c];
     const double sum_dxc = sum_dxz - mean * sum_dx;  // sum dx * (z - mean)
     if (training) {
@@ -938,17 +943,23 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
   T* vp = var.mutable_data_ptr<T>();
   T* zmp = zmean.mutable_data_ptr<T>();
   for (int64_t i = 0; i < N * C; ++i) zmp[i] = T(row_mean[i]);
-  for (int64_t c = 0; c < C; ++c) {
-    double mu = 0, m2 = 0, spread = 0;
-    for (int64_t n = 0; n < N; ++n) mu += row_mean[n * C + c];
-    mu /= double(N);
-    for (int64_t n = 0; n < N; ++n) {
-      const double d = row_mean[n * C + c] - mu;
-      m2 += row_m2[n * C + c];
-      spread += d * d;
+  // Combined sample by sample, along rows of C (a channel at a time, the rows were read at a
+  // stride of C: 43% of a 16 x 2048 x 4 x 4 call).
+  std::vector<double> mu(C, 0.0), m2(C, 0.0), spread(C, 0.0);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) mu[c] += row_mean[n * C + c];
+  }
+  for (int64_t c = 0; c < C; ++c) mu[c] /= double(N);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = row_mean[n * C + c] - mu[c];
+      m2[c] += row_m2[n * C + c];
+      spread[c] += d * d;
     }
-    mp[c] = T(mu);
-    vp[c] = T((m2 + double(P) * spread) / double(N * P));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mp[c] = T(mu[c]);
+    vp[c] = T((m2[c] + double(P) * spread[c]) / double(N * P));
   }
 }
 
