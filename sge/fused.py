@@ -351,13 +351,14 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
     ``residual_bn`` (``_bn``'s tuple): the residual's own BN, which the C++ kernels apply
     as they read the residual (see ``_takes_residual_norm``); other paths apply it first."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
-    if residual_bn is not None and not fused_cpu.applies(z):
+    # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
+    # op, and entering the context costs host time on every call.
+    triton = fused_triton.applies(z, groups)
+    if residual_bn is not None and (triton or not fused_cpu.applies(z)):
         rmean, rvar, rbn_weight, rbn_bias, rbn_eps = residual_bn
         residual, residual_bn = _apply_norm(residual, rbn_weight, rbn_bias, rmean, rvar,
                                             rbn_eps), None
-    # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
-    # op, and entering the context costs host time on every call.
-    if fused_triton.applies(z, groups):  # the residual's add and ReLU included
+    if triton:  # the residual's add and ReLU included
         out = fused_triton.forward(z, bn, weight, bias, groups, residual, keep)
         if out is None:  # not buildable here (notice given): the same output by PyTorch
             with _no_autocast(z):
@@ -638,12 +639,12 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
     return mean, var, zmean
 
 
-def _takes_residual_norm(x: Tensor, residual: Tensor) -> bool:
+def _takes_residual_norm(x: Tensor, residual: Tensor, groups: int) -> bool:
     """Whether the op applies the residual's BN itself: in eager calls where the C++ kernels
     run (under torch.compile the BN stays Inductor's; the Triton and PyTorch paths have no
-    such pass)."""
+    such pass). ``_forward_parts`` and ``_backward_parts`` choose their paths alike."""
     return (not torch.compiler.is_compiling() and residual.dtype == x.dtype
-            and fused_cpu.applies(x))
+            and not fused_triton.applies(x, groups) and fused_cpu.applies(x))
 
 
 class FusedSpatialGroupEnhance(SpatialGroupEnhance):
@@ -712,7 +713,7 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
                 raise ValueError(f"SGE's residual_norm needs a residual of {self.channels} "
                                  f"channels, got {residual_norm!r} for "
                                  f"{None if residual is None else tuple(residual.shape)}")
-            if _takes_residual_norm(x, residual):
+            if _takes_residual_norm(x, residual, self.groups):
                 rmean, rvar, _ = _batch_stats(residual_norm, residual)
                 rbn = (residual_norm.weight, residual_norm.bias, rmean, rvar,
                        residual_norm.training or not residual_norm.track_running_stats,
