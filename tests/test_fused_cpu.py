@@ -98,11 +98,16 @@ def _bn_pair(c, g, dtype, training, affine=True):
     return (block.bn.train(training), block.se), (bn.train(training), ref)
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def _bn_grid(test):
+    """Every shape and dtype, train and eval, NCHW and channels_last, affine BN or not."""
+    for name, values in (("affine", [True, False]), ("channels_last", [False, True]),
+                         ("training", [True, False]), ("shape", SHAPES),
+                         ("dtype", [torch.float64, torch.float32])):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@_bn_grid
 def test_with_batchnorm_matches_reference(shape, dtype, training, channels_last, affine,
                                           calls):
     n, c, h, w, g = shape
@@ -573,11 +578,7 @@ def residual_bns(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@_bn_grid
 def test_shortcut_norm_matches_reference(shape, dtype, training, channels_last, affine,
                                          residual_bns):
     _check_shortcut_norm(shape, dtype, training, channels_last, affine)
