@@ -2,6 +2,7 @@
 
     python scripts/bench_sge_block.py --device cuda --batch 128 --dtype bfloat16 --channels-last
     python scripts/bench_sge_block.py --batch 4 --img 64 --iters 5      # CPU
+    python scripts/bench_sge_block.py --batch 16 --img 112 --channels-last --downsample
 
 A block ends ``relu(bn3(conv3) + identity)``; with SGE, ``relu(sge(bn3(conv3)) + identity)``,
 which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This times that
@@ -10,8 +11,10 @@ running statistics, no_grad; the fused tail writes over its input there, as in t
 on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), the fused
 SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the conv output (read + write), the floor a memory-bound pass
 costs, and the fused op's own forward and backward kernels.
-Whole-model figures are ``scripts/bench_sge.py``'s; this says which stage and which pass
-the difference comes from.
+``--downsample`` times a downsampling block's tail instead, whose shortcut ends with its own
+BN: ``relu(bn3(conv3) + bn_ds(shortcut conv))``, where the fused SGE applies ``bn_ds`` too
+on its C++ path (``residual_norm``). Whole-model figures are ``scripts/bench_sge.py``'s;
+this says which stage and which pass the difference comes from.
 
 Prints one table (milliseconds per call, medians of ``--rounds`` rounds of ``--iters``
 calls; ratios to ResNet's tail), on a GPU a second one with the host's time to issue the
@@ -48,15 +51,19 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=20, help="calls per timed round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (medians)")
+    ap.add_argument("--downsample", action="store_true",
+                    help="a downsampling block's tail: the shortcut ends with its own BN")
     return ap.parse_args(argv)
 
 
 class Tail(nn.Module):
-    """``relu(sge(bn(z)) + identity)``, as the models run it; ``sge`` None: ResNet's tail."""
+    """``relu(sge(bn(z)) + identity)``, as the models run it; ``sge`` None: ResNet's tail.
+    ``downsample``: the shortcut's BN, ``relu(sge(bn(z)) + shortcut_bn(identity))``."""
 
-    def __init__(self, channels: int, sge: str | None, groups: int):
+    def __init__(self, channels: int, sge: str | None, groups: int, downsample: bool = False):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels)
+        self.shortcut_bn = nn.BatchNorm2d(channels) if downsample else None
         self.sge = None
         if sge == "fused":
             self.sge = FusedSpatialGroupEnhance(channels, groups)
@@ -71,8 +78,11 @@ class Tail(nn.Module):
         x = self.bn(z)
         if isinstance(self.sge, FusedSpatialGroupEnhance):
             # As the models' blocks (no hooks here): written over z when no gradient is
-            # being recorded
-            return self.sge(x, residual=identity, overwrite_input=True)
+            # being recorded, the shortcut's BN applied by the op
+            return self.sge(x, residual=identity, overwrite_input=True,
+                            residual_norm=self.shortcut_bn)
+        if self.shortcut_bn is not None:
+            identity = self.shortcut_bn(identity)
         if self.sge is not None:
             x = self.sge(x)
         x += identity  # in place, as timm's blocks: no fresh tensors (page faults on a CPU)
@@ -110,11 +120,13 @@ def stage_cases(args, channels, side, device, dtype, fmt):
     z = torch.randn(n, channels, side, side, device=device).to(dtype, memory_format=fmt)
     identity, dy = torch.randn_like(z), torch.randn_like(z)
     z.requires_grad_(True)
+    identity.requires_grad_(args.downsample)  # a shortcut conv's output
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     cases = {"copy": lambda: z.detach().clone()}
     tails = {}
     for kind in (None, "fused", "reference"):
-        tail = tails[kind] = Tail(channels, kind, args.groups).to(device, memory_format=fmt)
+        tail = tails[kind] = Tail(channels, kind, args.groups, args.downsample).to(
+            device, memory_format=fmt)
         tail.train()
         name = kind or "resnet"
 
@@ -126,9 +138,12 @@ def stage_cases(args, channels, side, device, dtype, fmt):
             fwd().backward(dy)
         cases[f"{name} fwd"], cases[f"{name} fwd+bwd"] = fwd, fwd_bwd
         # Inference: another tail in eval mode (BN's running statistics), under no_grad.
-        frozen = Tail(channels, kind, args.groups).to(device, memory_format=fmt).eval()
-        frozen.bn.running_mean.normal_(0, 0.1)
-        frozen.bn.running_var.uniform_(0.5, 1.5)
+        frozen = Tail(channels, kind, args.groups, args.downsample).to(
+            device, memory_format=fmt).eval()
+        for norm in (frozen.bn, frozen.shortcut_bn):
+            if norm is not None:
+                norm.running_mean.normal_(0, 0.1)
+                norm.running_var.uniform_(0.5, 1.5)
 
         # The fused tail writes its output over its input there (on the C++ path): its own
         # copy of z, overwritten call after call.
@@ -138,11 +153,12 @@ def stage_cases(args, channels, side, device, dtype, fmt):
             with torch.no_grad(), autocast:
                 return tail(z_own, identity)
         cases[f"{name} infer"] = infer
-    # The fused tail's op alone, with the statistics that tail uses.
+    # The fused tail's op alone, with the statistics that tail uses (without a shortcut BN).
     bn, sge = tails["fused"].bn, tails["fused"].sge
     mean, var, zmean = _batch_stats(bn, z.detach())
     op_args = (z.detach(), bn.weight.detach(), bn.bias.detach(), mean, var, zmean,
-               sge.weight.detach(), sge.bias.detach(), identity, args.groups, True, bn.eps)
+               sge.weight.detach(), sge.bias.detach(), identity.detach(), args.groups, True,
+               bn.eps)
     y, chat, sigma, m = torch.ops.sge.fused_forward(*op_args, True)
     cases["fused: batch stats"] = lambda: _batch_stats(bn, z.detach())
     cases["fused: op fwd"] = lambda: torch.ops.sge.fused_forward(*op_args, True)
@@ -172,7 +188,7 @@ def main(argv=None) -> int:
         results[stage] = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
         host[stage] = {k: statistics.median(h for _, h in v) for k, v in times.items()}
     print(f"batch {args.batch}, {args.dtype}, channels_last={args.channels_last}, "
-          f"{args.device}, G={args.groups}; ms per call, medians of {args.rounds} x "
+          f"downsample={args.downsample}, {args.device}, G={args.groups}; ms per call, medians of {args.rounds} x "
           f"{args.iters}; (ratio to resnet's tail)")
     _print_table(results)
     if device.type == "cuda":
