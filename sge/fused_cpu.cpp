@@ -906,18 +906,43 @@ void batch_stats_impl(const at::Tensor& z, const at::Tensor& mean, const at::Ten
       for (int64_t n = begin; n < end; ++n) {
         const T* zn = zp + n * P * C;
         ColumnSums<T, double> m(C), q(C);
-        for (int64_t p = 0; p < P; ++p) {
+        // Four rows per update of the row of sums: one row at a time, the loads and stores
+        // of the sums bound the loop (2.4x ATen's time at 16 x 1024 x 7 x 7). Blocks of 64
+        // rows stay whole (64 is a multiple of 4).
+        int64_t p = 0;
+        for (; p + 4 <= P; p += 4) {
+          T* acc = m.row();
+          const T* r = zn + p * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            acc[c] += (r[c] + r[C + c]) + (r[2 * C + c] + r[3 * C + c]);
+          }
+          m.done(p + 3, P);
+        }
+        for (; p < P; ++p) {
           T* acc = m.row();
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) acc[c] += zn[p * C + c];
           m.done(p, P);
         }
         for (int64_t c = 0; c < C; ++c) m.total[c] /= double(P), mt[c] = T(m.total[c]);
-        for (int64_t p = 0; p < P; ++p) {
+        const T* mc = mt.data();
+        for (p = 0; p + 4 <= P; p += 4) {
+          T* acc = q.row();
+          const T* r = zn + p * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T d0 = r[c] - mc[c], d1 = r[C + c] - mc[c];
+            const T d2 = r[2 * C + c] - mc[c], d3 = r[3 * C + c] - mc[c];
+            acc[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+          }
+          q.done(p + 3, P);
+        }
+        for (; p < P; ++p) {
           T* acc = q.row();
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const T d = zn[p * C + c] - mt[c];
+            const T d = zn[p * C + c] - mc[c];
             acc[c] += d * d;
           }
           q.done(p, P);
