@@ -9,8 +9,9 @@ which the fused SGE computes in one op (BN, SGE, the add and the ReLU). This tim
 tail alone, forward and forward+backward in training mode and inference (eval mode, BN's
 running statistics, no_grad; the fused tail writes over its input there, as in the models),
 on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), the fused
-SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the conv output (read + write), the floor a memory-bound pass
-costs, and the fused op's own forward and backward kernels.
+SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the
+conv output (read + write), the floor a memory-bound pass costs, and the fused op's own
+forward and backward kernels.
 ``--downsample`` times a downsampling block's tail instead, whose shortcut ends with its own
 BN: ``relu(bn3(conv3) + bn_ds(shortcut conv))``, where the fused SGE applies ``bn_ds`` too
 on its C++ path (``residual_norm``). Whole-model figures are ``scripts/bench_sge.py``'s;
@@ -188,8 +189,8 @@ def main(argv=None) -> int:
         results[stage] = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
         host[stage] = {k: statistics.median(h for _, h in v) for k, v in times.items()}
     print(f"batch {args.batch}, {args.dtype}, channels_last={args.channels_last}, "
-          f"downsample={args.downsample}, {args.device}, G={args.groups}; ms per call, medians of {args.rounds} x "
-          f"{args.iters}; (ratio to resnet's tail)")
+          f"downsample={args.downsample}, {args.device}, G={args.groups}; ms per call, "
+          f"medians of {args.rounds} x {args.iters}; (ratio to resnet's tail)")
     _print_table(results)
     if device.type == "cuda":
         print("host ms per call (the time to issue the calls; as long as the GPU time above: "
