@@ -349,16 +349,14 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
     ``overwrite`` (only without ``keep``): ``y`` may be written over ``z`` (the C++ kernels
     do, when ``z`` is stored contiguously in its layout; the other paths allocate ``y``).
     ``residual_bn`` (``_bn``'s tuple): the residual's own BN, which the C++ kernels apply
-    as they read the residual (see ``_takes_residual_norm``); other paths apply it first."""
+    as they read the residual; only where they run (``_takes_residual_norm``: the module
+    calls the BN itself elsewhere)."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
+    if residual_bn is not None and not _cpu_kernels_run(z, groups):
+        raise RuntimeError("sge: the residual's BN is applied by the C++ kernels only")
     # Checked first and outside _no_autocast: the kernels' path runs no autocast-eligible
     # op, and entering the context costs host time on every call.
-    triton = fused_triton.applies(z, groups)
-    if residual_bn is not None and (triton or not fused_cpu.applies(z)):
-        rmean, rvar, rbn_weight, rbn_bias, rbn_eps = residual_bn
-        residual, residual_bn = _apply_norm(residual, rbn_weight, rbn_bias, rmean, rvar,
-                                            rbn_eps), None
-    if triton:  # the residual's add and ReLU included
+    if fused_triton.applies(z, groups):  # the residual's add and ReLU included
         out = fused_triton.forward(z, bn, weight, bias, groups, residual, keep)
         if out is None:  # not buildable here (notice given): the same output by PyTorch
             with _no_autocast(z):
@@ -377,6 +375,11 @@ def _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residu
             y, *stats = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias, groups,
                                     bn_eps, keep, residual)
     return y, stats
+
+
+def _cpu_kernels_run(z: Tensor, groups: int) -> bool:
+    """Whether ``_forward_parts`` takes the C++ kernels' path for ``z`` (Triton first)."""
+    return not fused_triton.applies(z, groups) and fused_cpu.applies(z)
 
 
 def _dense(t: Tensor) -> bool:
@@ -642,9 +645,9 @@ def _batch_stats(norm: nn.BatchNorm2d, z: Tensor):
 def _takes_residual_norm(x: Tensor, residual: Tensor, groups: int) -> bool:
     """Whether the op applies the residual's BN itself: in eager calls where the C++ kernels
     run (under torch.compile the BN stays Inductor's; the Triton and PyTorch paths have no
-    such pass). ``_forward_parts`` and ``_backward_parts`` choose their paths alike."""
+    such pass)."""
     return (not torch.compiler.is_compiling() and residual.dtype == x.dtype
-            and not fused_triton.applies(x, groups) and fused_cpu.applies(x))
+            and _cpu_kernels_run(x, groups))
 
 
 class FusedSpatialGroupEnhance(SpatialGroupEnhance):

@@ -1088,23 +1088,27 @@ backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in
     const at::Tensor sums = bn.on() ? z.new_empty({2, N, C}) : z.new_empty({0});
     backward_impl<T>(dy, yo, z, bn, chat, sigma, m, as_type<T>(weight), as_type<T>(bias),
                      dres, dx, dw, db, sums, cl, eps);
-    if (bn.on()) {
-      const auto grads = bn_backward<T>(dx, z, bn, sums, bn_training, cl);
-      if (bn_weight) {
-        dbn_weight = channel_tensor(grads.first, *bn_weight);
-        dbn_bias = channel_tensor(grads.second, bn_bias ? *bn_bias : *bn_weight);
+    // A BN's backward over its output gradient g in place, and its parameters' gradients
+    // into dpw, dpb when it has parameters.
+    auto norm_backward = [&](const at::Tensor& g, const at::Tensor& input, const Affine<T>& f,
+                             const at::Tensor& s, bool training, const OptTensor& pw,
+                             const OptTensor& pb, at::Tensor& dpw, at::Tensor& dpb) {
+      const auto grads = bn_backward<T>(g, input, f, s, training, cl);
+      if (pw) {
+        dpw = channel_tensor(grads.first, *pw);
+        dpb = channel_tensor(grads.second, pb ? *pb : *pw);
       }
+    };
+    if (bn.on()) {
+      norm_backward(dx, z, bn, sums, bn_training, bn_weight, bn_bias, dbn_weight, dbn_bias);
     }
     const Affine<T> rbn = affine_of<T>(rbn_weight, rbn_bias, rmean, rvar, rbn_eps, C);
     if (rbn.on()) {  // ReLU's gradient in dres becomes the residual BN's input gradient
       const at::Tensor zr = as_type<T>(*residual, format_of(cl));
       const at::Tensor rsums = z.new_empty({2, N, C});
       channel_sums_impl<T>(dres, zr, rsums, cl);
-      const auto grads = bn_backward<T>(dres, zr, rbn, rsums, rbn_training, cl);
-      if (rbn_weight) {
-        drbn_weight = channel_tensor(grads.first, *rbn_weight);
-        drbn_bias = channel_tensor(grads.second, rbn_bias ? *rbn_bias : *rbn_weight);
-      }
+      norm_backward(dres, zr, rbn, rsums, rbn_training, rbn_weight, rbn_bias, drbn_weight,
+                    drbn_bias);
     }
   });
   const std::vector<int64_t> shape{1, groups, 1, 1};
