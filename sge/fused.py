@@ -56,6 +56,7 @@ costs the host far less per call.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -424,20 +425,23 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
 
 def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
                     bn_training, bn_eps, residual=None, rbn_weight=None, rbn_bias=None,
-                    rmean=None, rvar=None, rbn_training=False, rbn_eps=0.0):
+                    rmean=None, rvar=None, rbn_training=False, rbn_eps=0.0, dy_free=False):
     """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias)``;
     None for the residual's gradient without a residual and for BN's without an affine BN
     (the C++ kernels' path gives empty tensors there). ``chat, sigma, m``: the forward's
     statistics (from the Triton kernels, those of the chunked ones, or none). With the
     residual's own BN (``rmean``, ``rvar``; ``residual`` its input), its backward too:
-    ``dresidual`` is then its input gradient, the last two its parameters' gradients."""
+    ``dresidual`` is then its input gradient, the last two its parameters' gradients.
+    ``dy_free``: nothing else holds ``dy`` (``_grad_is_free``); the C++ kernels then write
+    the first map gradient over it (the residual's, or ``dz`` without a residual)."""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
     rbn = _bn(rbn_weight, rbn_bias, rmean, rvar, rbn_eps)
     triton = fused_triton.applies(dy, weight.shape[1])
     if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
         with _no_autocast(dy):  # ReLU's backward included; gradients in dy's layout
             return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight, bias,
-                                      residual, rbn, rbn_training)
+                                      residual, rbn, rbn_training,
+                                      out=dy if dy_free and _dense(dy) else None)
     dres, drbn = None, (None, None)
     if y is not None:  # ReLU's backward; the add passes its gradient to both branches
         dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
@@ -492,13 +496,13 @@ def _setup_context(ctx, inputs, output, residual_bn=()):
     ctx.rbn = tuple(residual_bn[4:])
 
 
-def _backward_with(op, ctx, dy):
+def _backward_with(op, ctx, dy, **kw):
     """The gradients of the op's inputs: its 13, then with ``_backward_parts`` as ``op``
-    (eager calls) the 6 of the residual's BN arguments."""
+    (eager calls, ``kw`` its ``dy_free``) the 6 of the residual's BN arguments."""
     z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y, *rsaved = \
         ctx.saved_tensors
     outs = op(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn,
-              *rsaved, *ctx.rbn)
+              *rsaved, *ctx.rbn, **kw)
     dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = outs[:6]
     if not ctx.residual:
         dresidual = None
@@ -519,6 +523,55 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _grad_refs(dy: Tensor) -> Optional[tuple]:
+    """The references to a backward's incoming gradient ``dy`` where the C++ kernels take
+    it: Python's to its object, C++'s to its tensor and to its storage (else None).
+    ``_EagerFused.backward`` and ``_FreeGradProbe.backward`` take them by the same statement
+    first thing, so that their own references are the same."""
+    if torch.compiler.is_compiling() or not fused_cpu.applies(dy):
+        return None
+    return (sys.getrefcount(dy), *fused_cpu.refs(dy))
+
+
+_free_refs: dict = {}
+
+
+class _FreeGradProbe(torch.autograd.Function):
+    """Gives ``_grad_refs`` of a gradient that autograd alone holds (``_grad_is_free``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        refs = _grad_refs(dy)
+        _free_refs["refs"] = refs
+        return dy
+
+
+def _calibrate_free_refs() -> None:
+    """Records, once per process, the references of a gradient nobody else holds: a
+    multiplication's fresh output, passed to ``_FreeGradProbe``'s backward."""
+    if "refs" not in _free_refs:
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            x = torch.zeros(2, requires_grad=True)
+            (_FreeGradProbe.apply(x) * 2.0).sum().backward()
+
+
+def _grad_is_free(refs: Optional[tuple]) -> bool:
+    """Whether a backward may write over its incoming gradient, given its ``_grad_refs``:
+    autograd alone holds it, as a calibrated fresh gradient is held (``_calibrate_free_refs``,
+    run by the forward). Any other holder adds a reference: a tensor hook that kept it (its
+    Python object), a post-hook on the node, ``torch.autograd.grad`` capturing it (its
+    tensor), a view of the same memory, as another slice's gradient is after ``torch.cat``
+    (its storage). Never with ``create_graph`` (grad mode on), where the gradient may be
+    part of a graph. PyTorch's own gradient accumulation steals buffers by the same kind of
+    count (``AccumulateGrad``, ``InputBuffer::add``)."""
+    return (refs is not None and not torch.is_grad_enabled()
+            and refs == _free_refs.get("refs"))
 
 
 class _EagerFused(torch.autograd.Function):
@@ -557,17 +610,24 @@ class _EagerFused(torch.autograd.Function):
                        inputs[13:] if rbn is not None else ())
         ctx.channels_last = z.dim() == 4 and not z.is_contiguous() and \
             z.is_contiguous(memory_format=torch.channels_last)
+        if keep and fused_cpu.applies(z):  # a backward to come (never in inference mode)
+            _calibrate_free_refs()
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        refs = _grad_refs(dy)
         # The ops work, and give their gradients, in dy's layout. In a channels_last model
         # the last stage's dy comes NCHW from the head's pooling: taking it as the maps are
         # (one copy of dy) spares copying z and y to NCHW, and keeps the gradients that flow
-        # on channels_last.
+        # on channels_last. That copy is this backward's own.
+        free = _grad_is_free(refs)
         if ctx.channels_last and not dy.is_contiguous(memory_format=torch.channels_last):
-            dy = dy.contiguous(memory_format=torch.channels_last)
-        return _backward_with(_backward_parts, ctx, dy)
+            dy, free = dy.contiguous(memory_format=torch.channels_last), True
+        # When nothing else holds dy, the C++ kernels write the residual's gradient over it:
+        # one full-size tensor less per block, as ResNet's autograd frees dy (ReLU's) before
+        # BN's backward allocates its own (docs/benchmarks.md, "CPU, seventeenth session").
+        return _backward_with(_backward_parts, ctx, dy, dy_free=free)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1057,6 +1057,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 // backward too (batch statistics when rbn_training): dresidual is its input gradient,
 // written over ReLU's gradient in place, and drbn_weight, drbn_bias its parameters' (empty
 // without them, or without its BN).
+// out: where the first map gradient goes instead of a new tensor (dresidual with y_out, else
+// dz; it is then returned empty), of dy's shape, type and layout; it may be dy itself,
+// since each element of dy is read before that gradient is written at the same place (and
+// dy is not read again). A dy copied here (another type or layout) is the op's own and
+// used so without out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
@@ -1065,7 +1070,7 @@ backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in
          const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
          const at::Tensor& bias, double eps, const OptTensor& residual,
          const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
-         const OptTensor& rvar, double rbn_eps, bool rbn_training) {
+         const OptTensor& rvar, double rbn_eps, bool rbn_training, const OptTensor& out) {
   const bool cl = is_channels_last(dy_in);  // the layout of dy and of the gradients
   const at::Tensor z = z_in.contiguous(format_of(cl));
   const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous(format_of(cl));
@@ -1077,8 +1082,13 @@ backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in
               "sge_cpu: the residual's BN needs the forward's output and the residual");
   const at::Tensor yo =
       y_out ? y_out->to(z.scalar_type()).contiguous(format_of(cl)) : at::Tensor();
-  const at::Tensor dres = y_out ? at::empty_like(dy) : dy.new_empty({0});
-  const at::Tensor dx = at::empty_like(dy);
+  TORCH_CHECK(!out || (out->sizes() == dy.sizes() && out->scalar_type() == dy.scalar_type() &&
+                       out->is_contiguous(format_of(cl))),
+              "sge_cpu: out must have dy's shape, type and layout");
+  // Where the first map gradient goes: out, or dy when it is a copy made above.
+  const at::Tensor first = out ? *out : (dy.is_same(dy_in) ? at::empty_like(dy) : dy);
+  const at::Tensor dres = y_out ? first : dy.new_empty({0});
+  const at::Tensor dx = y_out ? at::empty_like(dy) : first;
   const at::Tensor dw = chat.new_empty({N, groups}), db = chat.new_empty({N, groups});
   at::Tensor dbn_weight = dy.new_empty({0}), dbn_bias = dy.new_empty({0});
   at::Tensor drbn_weight = dy.new_empty({0}), drbn_bias = dy.new_empty({0});
@@ -1112,7 +1122,9 @@ backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in
     }
   });
   const std::vector<int64_t> shape{1, groups, 1, 1};
-  return {dx, dres, dw.sum(0).view(shape).to(weight.scalar_type()),
+  const at::Tensor none = dy.new_empty({0});  // out's gradient, not returned a second time
+  return {out && !y_out ? none : dx, out && y_out ? none : dres,
+          dw.sum(0).view(shape).to(weight.scalar_type()),
           db.sum(0).view(shape).to(bias.scalar_type()), dbn_weight, dbn_bias, drbn_weight,
           drbn_bias};
 }
@@ -1139,6 +1151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
   return {mean, var, zmean};
 }
 
+// The references to t's TensorImpl and to its storage (sge/fused.py's check that a
+// gradient is held by autograd alone).
+std::vector<int64_t> refs(const at::Tensor& t) {
+  return {int64_t(t.use_count()), int64_t(t.storage().use_count())};
+}
 
 }  // namespace
 
@@ -1152,8 +1169,9 @@ TORCH_LIBRARY(sge_cpu, lib) {
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
           "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps, Tensor? residual, "
           "Tensor? rbn_weight, Tensor? rbn_bias, Tensor? rmean, Tensor? rvar, float rbn_eps, "
-          "bool rbn_training) "
+          "bool rbn_training, Tensor(a!)? out=None) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
   lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "float momentum) -> (Tensor, Tensor, Tensor)", &batch_stats);
+  lib.def("refs(Tensor t) -> int[]", &refs);
 }

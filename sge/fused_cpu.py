@@ -123,7 +123,7 @@ def forward(z: Tensor, bn, weight: Tensor, bias: Tensor, groups: int, keep: bool
 
 def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigma: Tensor,
              m: Tensor, weight: Tensor, bias: Tensor, residual=None, residual_bn=None,
-             residual_bn_training: bool = False):
+             residual_bn_training: bool = False, out=None):
     """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias)``:
     ``forward``'s gradients (``dz`` with respect to x without BN). ``y`` is forward's output
     when it had a residual (ReLU's backward is done here too; ``dresidual`` is empty
@@ -132,9 +132,23 @@ def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigm
     parameters. With ``residual_bn`` (and the ``residual`` it was applied to) its backward
     too: ``dresidual`` is then its input gradient, and the last two its parameters'
     gradients (empty otherwise). The map gradients have ``dy``'s layout (NCHW or
-    channels_last)."""
-    return _ops().backward(dy, y, z, *_bn_args(bn), bn_training, chat, sigma, m, weight, bias,
-                           EPS, residual, *_bn_args(residual_bn), residual_bn_training)
+    channels_last). ``out``: where the first map gradient goes (``dresidual`` when ``y`` is
+    given, else ``dz``; then also returned there), of ``dy``'s shape, dtype and layout;
+    ``dy`` itself is allowed (each element is read before the gradient is written there)."""
+    grads = list(_ops().backward(dy, y, z, *_bn_args(bn), bn_training, chat, sigma, m, weight,
+                                 bias, EPS, residual, *_bn_args(residual_bn),
+                                 residual_bn_training, out))
+    if out is not None:
+        grads[0 if y is None else 1] = out
+    return tuple(grads)
+
+
+def refs(t: Tensor) -> tuple[int, int]:
+    """``(references to t's tensor, references to its storage)`` held in C++ (as ``forward``
+    and ``backward`` would see ``t``): the first counts each holder of the same tensor once
+    (the Python object once, however many names it has), the second each tensor sharing its
+    memory (views)."""
+    return tuple(_ops().refs(t))
 
 
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):

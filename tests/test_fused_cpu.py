@@ -13,6 +13,7 @@ from torch.testing import assert_close
 import models
 from models import resnet
 from sge import SpatialGroupEnhance, fused_cpu
+from sge import fused as fused_mod
 from sge.fused import FusedSpatialGroupEnhance
 from tests import test_fused
 
@@ -684,3 +685,220 @@ def test_model_folds_unhooked_shortcut_norms(channels_last, residual_bns):
         assert_close(fused.eval()(x), ref.eval()(x))
     assert residual_bns["forward"] == ([i in (0, 2, 4, 6) for i in range(8)] if HAS_COMPILER
                                        else [])
+
+
+# The backward writes its first map gradient (the residual's, else dz) over its incoming
+# gradient dy when nothing else holds dy (sge/fused.py's _grad_is_free).
+
+@pytest.fixture
+def over_dy(monkeypatch):
+    """Records, per call of the kernels' backward, whether it was told to write over dy."""
+    seen = []
+    real = fused_cpu.backward
+
+    def spy(dy, *args, out=None, **kw):
+        seen.append(out is dy)
+        return real(dy, *args, out=out, **kw)
+    monkeypatch.setattr(fused_cpu, "backward", spy)
+    return seen
+
+
+def _backward_case(dtype, channels_last, residual, seed=3):
+    """``(dy, backward args, backward kwargs)`` of a forward with BN in training mode and no
+    residual, a residual, or a residual with its own BN ("bn")."""
+    n, c, h, w, g = 3, 16, 5, 7, 4
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).contiguous(memory_format=fmt) \
+            if len(shape) == 4 else torch.randn(*shape, generator=gen, dtype=dtype)
+    z, dy, r = rand(n, c, h, w), rand(n, c, h, w), rand(n, c, h, w)
+    weight, bias = rand(1, g, 1, 1), rand(1, g, 1, 1)
+    mean, var, zmean = fused_cpu.batch_stats(z)
+    bn = (mean, var, rand(c), rand(c), 1e-5)
+    rbn = (r.mean((0, 2, 3)), r.var((0, 2, 3)), rand(c), rand(c), 1e-5) if residual == "bn" \
+        else None
+    res = r if residual else None
+    y, chat, sigma, m = fused_cpu.forward(z, bn, weight, bias, g, True, residual=res,
+                                          zmean=zmean, residual_bn=rbn)
+    return dy, (y if residual else None, z, bn, True, chat, sigma, m, weight, bias), \
+        dict(residual=res, residual_bn=rbn, residual_bn_training=True)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("residual", [None, "plain", "bn"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_writes_over_dy_when_told(dtype, channels_last, residual):
+    dy, args, kw = _backward_case(dtype, channels_last, residual)
+    dy_before = dy.clone()
+    expect = fused_cpu.backward(dy, *args, **kw)
+    assert torch.equal(dy, dy_before)  # without out, dy is only read
+    slot = 1 if residual else 0
+    assert expect[slot].data_ptr() != dy.data_ptr()
+    got = fused_cpu.backward(dy, *args, **kw, out=dy)
+    assert got[slot] is dy  # the gradient written over dy, the same numbers to the bit
+    for a, b in zip(got, expect):
+        assert torch.equal(a, b)
+    assert not torch.equal(dy, dy_before)
+    # A dy of another dtype is copied, and the kernels write into their copy: dy stays.
+    wide = dy_before.to(torch.float64 if dtype == torch.float32 else torch.float32)
+    wide_before = wide.clone()
+    got = fused_cpu.backward(wide, *args, **kw)
+    assert torch.equal(wide, wide_before)
+    assert_close(got[slot], expect[slot], **_tol(torch.float32))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_backward_out_is_checked():
+    dy, args, kw = _backward_case(torch.float32, False, "plain")
+    for bad in (torch.empty(3, 16, 5, 6), torch.empty_like(dy, dtype=torch.float64),
+                torch.empty_like(dy, memory_format=torch.channels_last)):
+        with pytest.raises(RuntimeError, match="out must have dy's shape, type and layout"):
+            fused_cpu.backward(dy, *args, **kw, out=bad)
+
+
+def _tail(dtype=torch.float64, seed=0):
+    """A fused tail (BN + fused SGE, residual) with its reference, and an input pair."""
+    n, c, h, w, g = SHAPES[0]
+    fused, ref = _bn_pair(c, g, dtype, True)
+    gen = torch.Generator().manual_seed(seed)
+    x, r, weight = (torch.randn(n, c, h, w, generator=gen, dtype=dtype) for _ in range(3))
+    return fused, ref, x, r, weight
+
+
+def _tail_grads(pair, x, r, weight, fused, use=None):
+    """``(y, grads of x and r)`` of ``sum(tail(x, r) * weight)``: the tail's dy is the
+    product's fresh gradient, ``weight``. ``use(y)`` may hold on to y's gradient first."""
+    norm, sge = pair
+    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = sge(norm(xi), residual=ri) if fused else torch.relu(sge(norm(xi)) + ri)
+    if use is not None:
+        use(y)
+    (y * weight).sum().backward()
+    return y, xi.grad, ri.grad
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_free_gradient_is_written_over(over_dy):
+    # The product's gradient reaches the tail's backward held by autograd alone: the residual's
+    # gradient is written over it, with the reference's results.
+    fused, ref, x, r, weight = _tail()
+    got = _tail_grads(fused, x, r, weight, True)
+    expect = _tail_grads(ref, x, r, weight, False)
+    assert over_dy == [True]
+    for a, b in zip(got, expect):
+        assert_close(a, b)
+
+
+def _holders():
+    """Ways to hold on to the tail's incoming gradient: ``(name, use(y, kept))``, each
+    keeping what it saw (the gradient, at the time autograd gave it) in ``kept``."""
+    def tensor_hook(y, kept):
+        y.register_hook(kept.append)
+
+    def post_hook(y, kept):
+        y.grad_fn.register_hook(lambda grad_inputs, grad_outputs: kept.append(grad_outputs[0]))
+
+    def retain_grad(y, kept):
+        y.retain_grad()
+        kept.append(y)  # y.grad, read after the backward
+
+    return {"tensor_hook": tensor_hook, "post_hook": post_hook, "retain_grad": retain_grad}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("holder", sorted(_holders()))
+def test_held_gradient_is_not_written_over(holder, over_dy):
+    fused, ref, x, r, weight = _tail()
+    kept = []
+    got = _tail_grads(fused, x, r, weight, True, use=lambda y: _holders()[holder](y, kept))
+    expect = _tail_grads(ref, x, r, weight, False)
+    seen = kept[0].grad if holder == "retain_grad" else kept[0]
+    assert torch.equal(seen, weight)  # what the holder saw is dy, as it was
+    assert over_dy == [holder == "retain_grad"]  # retain_grad keeps its own copy
+    for a, b in zip(got, expect):
+        assert_close(a, b)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_held_gradient_check_is_what_keeps_it(over_dy, monkeypatch):
+    # The same hook, with the check patched to say "free": the kept gradient is overwritten
+    # with ReLU's gradient (zeros where the tail's output is 0), so the check above is the
+    # protection, not an accident of the calls.
+    monkeypatch.setattr(fused_mod, "_grad_is_free", lambda refs: True)
+    fused, _, x, r, weight = _tail()
+    kept = []
+    y, *_ = _tail_grads(fused, x, r, weight, True, use=lambda y: y.register_hook(kept.append))
+    assert over_dy == [True]
+    assert not torch.equal(kept[0], weight)
+    assert torch.equal(kept[0], torch.where(y > 0, weight, 0))
+
+
+def _shared_or_captured():
+    """Ways autograd itself shares or keeps the tail's incoming gradient: ``(name,
+    grads(y, other, x, r, w))`` with the gradients of a loss whose gradient at y is w (y's
+    own where captured)."""
+    def views(y, other, x, r, w):  # torch.cat's backward: y's and other's are views of one
+        loss = (torch.cat([y, other]) * torch.cat([w, w * 2])).sum()
+        return torch.autograd.grad(loss, [other, x, r])
+
+    def captured(y, other, x, r, w):  # torch.autograd.grad keeps y's gradient to return it
+        return torch.autograd.grad((y * w).sum(), [y, x, r])
+
+    def create_graph(y, other, x, r, w):  # dy may be part of the new graph
+        return torch.autograd.grad((y * w).sum(), [x, r], create_graph=True)
+    return {"views": views, "captured": captured, "create_graph": create_graph}
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("case", sorted(_shared_or_captured()))
+def test_shared_or_captured_gradient_is_not_written_over(case, over_dy):
+    fused, ref, x, r, weight = _tail()
+    results = []
+    for (norm, sge), is_fused in ((fused, True), (ref, False)):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = sge(norm(xi), residual=ri) if is_fused else torch.relu(sge(norm(xi)) + ri)
+        other = torch.ones_like(y, requires_grad=True)
+        results.append(_shared_or_captured()[case](y, other, xi, ri, weight))
+    assert over_dy == [False]
+    got, expect = results
+    if case == "views":
+        assert torch.equal(got[0], weight * 2)  # the other view intact
+    if case == "captured":
+        assert torch.equal(got[0], weight)  # y's gradient as autograd gave it
+    for a, b in zip(got, expect):
+        assert_close(a, b)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_writes_over_every_blocks_gradient(channels_last, over_dy):
+    # A train step's gradients reach each block's tail held by autograd alone (channels_last:
+    # the last block's comes NCHW from the pooling and is copied to channels_last first, the
+    # copy its own): every block writes over it, with the reference model's results.
+    ref, fused = test_fused._models()
+    if channels_last:
+        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
+    out_r, grads_r = test_fused._train_step(ref, x, labels)
+    out_f, grads_f = test_fused._train_step(fused, x, labels)
+    assert over_dy == [True] * 8
+    assert_close(out_f, out_r)
+    for name in grads_r:
+        assert_close(grads_f[name], grads_r[name], msg=name)
+
+
+def test_inference_mode_calls_need_no_calibration():
+    # The calibration is a small backward: only taken where a backward is to come.
+    fused_mod._free_refs.clear()
+    n, c, h, w, g = SHAPES[0]
+    fused = _tail()[0][1]
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    with torch.inference_mode():
+        assert fused(x).shape == x.shape
+    assert fused_mod._free_refs == {}
+    fused(x.requires_grad_()).sum().backward()
+    assert ("refs" in fused_mod._free_refs) == HAS_COMPILER
