@@ -651,31 +651,43 @@ def test_shortcut_norm_is_checked():
                               (1e-5,))
 
 
+def _train_step_matches_reference(channels_last, before=None):
+    """One train step of tests/test_fused.py's reference and fused sge_resnet18 (NCHW or
+    channels_last), checked equal (outputs, gradients); ``before(fused)`` may return a hook
+    handle, removed after the step. Returns ``(ref, fused, x)``."""
+    ref, fused = test_fused._models()
+    if channels_last:
+        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
+    handle = before(fused) if before is not None else None
+    out_r, grads_r = test_fused._train_step(ref, x, labels)
+    out_f, grads_f = test_fused._train_step(fused, x, labels)
+    if handle is not None:
+        handle.remove()
+    assert_close(out_f, out_r)
+    for name in grads_r:
+        assert_close(grads_f[name], grads_r[name], msg=name)
+    return ref, fused, x
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_model_folds_unhooked_shortcut_norms(channels_last, residual_bns):
     # In a model's train step each downsampling block's SGE applies the shortcut's BN (4 of
     # ResNet-50's 16 blocks), and the step matches the reference model (outputs, gradients,
     # running statistics: tests/test_fused.py). A forward hook on the shortcut or its BN turns
     # the fold off for that block, and sees the BN's real output.
-    ref, fused = test_fused._models()
-    if channels_last:
-        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
-    norm = fused.layer2[0].downsample[1]
     kept = []
-    handle = norm.register_forward_hook(lambda m, args, out: kept.append(
-        (args[0], out, m.weight.detach().clone(), m.bias.detach().clone())))
-    out_r, grads_r = test_fused._train_step(ref, x, labels)
-    out_f, grads_f = test_fused._train_step(fused, x, labels)
-    handle.remove()
+
+    def hook(fused):
+        return fused.layer2[0].downsample[1].register_forward_hook(
+            lambda m, args, out: kept.append(
+                (args[0], out, m.weight.detach().clone(), m.bias.detach().clone())))
+    ref, fused, x = _train_step_matches_reference(channels_last, before=hook)
     # This sge_resnet18's blocks 0, 2, 4 and 6 (of 0-7) downsample (the stem's 64 channels to
     # 8 in the first); block 2's BN has the hook.
     expect = [i in (0, 4, 6) for i in range(8)] if HAS_COMPILER else []
     assert residual_bns == {"forward": expect, "backward": expect[::-1]}
-    assert_close(out_f, out_r)
-    for name in grads_r:
-        assert_close(grads_f[name], grads_r[name], msg=name)
     for (key, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
         assert_close(b, a, msg=key)  # both BNs' running statistics updated once
     (inp, out, weight, bias), = kept  # (the train step has updated the parameters since)
@@ -768,12 +780,18 @@ def _tail(dtype=torch.float64, seed=0):
     return fused, ref, x, r, weight
 
 
+def _tail_output(pair, x, r, fused):
+    """``(y, x, r)``: the tail's output of fresh leaves x and r (the fused op's or the
+    reference's)."""
+    norm, sge = pair
+    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+    return (sge(norm(xi), residual=ri) if fused else torch.relu(sge(norm(xi)) + ri)), xi, ri
+
+
 def _tail_grads(pair, x, r, weight, fused, use=None):
     """``(y, grads of x and r)`` of ``sum(tail(x, r) * weight)``: the tail's dy is the
     product's fresh gradient, ``weight``. ``use(y)`` may hold on to y's gradient first."""
-    norm, sge = pair
-    xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
-    y = sge(norm(xi), residual=ri) if fused else torch.relu(sge(norm(xi)) + ri)
+    y, xi, ri = _tail_output(pair, x, r, fused)
     if use is not None:
         use(y)
     (y * weight).sum().backward()
@@ -857,9 +875,8 @@ def _shared_or_captured():
 def test_shared_or_captured_gradient_is_not_written_over(case, over_dy):
     fused, ref, x, r, weight = _tail()
     results = []
-    for (norm, sge), is_fused in ((fused, True), (ref, False)):
-        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
-        y = sge(norm(xi), residual=ri) if is_fused else torch.relu(sge(norm(xi)) + ri)
+    for pair, is_fused in ((fused, True), (ref, False)):
+        y, xi, ri = _tail_output(pair, x, r, is_fused)
         other = torch.ones_like(y, requires_grad=True)
         results.append(_shared_or_captured()[case](y, other, xi, ri, weight))
     assert over_dy == [False]
@@ -878,17 +895,8 @@ def test_model_writes_over_every_blocks_gradient(channels_last, over_dy):
     # A train step's gradients reach each block's tail held by autograd alone (channels_last:
     # the last block's comes NCHW from the pooling and is copied to channels_last first, the
     # copy its own): every block writes over it, with the reference model's results.
-    ref, fused = test_fused._models()
-    if channels_last:
-        ref, fused = (m.to(memory_format=torch.channels_last) for m in (ref, fused))
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
-    out_r, grads_r = test_fused._train_step(ref, x, labels)
-    out_f, grads_f = test_fused._train_step(fused, x, labels)
+    _train_step_matches_reference(channels_last)
     assert over_dy == [True] * 8
-    assert_close(out_f, out_r)
-    for name in grads_r:
-        assert_close(grads_f[name], grads_r[name], msg=name)
 
 
 def test_inference_mode_calls_need_no_calibration():
