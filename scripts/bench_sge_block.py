@@ -12,6 +12,9 @@ on each stage's shape (224 px: 256 x 56 x 56 ... 2048 x 7 x 7) for ResNet (BN), 
 SGE and the reference SGE, all in one process, alternating. Beside them: one copy of the
 conv output (read + write), the floor a memory-bound pass costs, and the fused op's own
 forward and backward kernels.
+The backward gets the caller's gradient (``backward(dy)``), which the fused op must leave
+intact: in a model's train step autograd alone holds each block's, and the op writes the
+residual's gradient over it instead of a new map (one fresh map less than timed here).
 ``--downsample`` times a downsampling block's tail instead, whose shortcut ends with its own
 BN: ``relu(bn3(conv3) + bn_ds(shortcut conv))``, where the fused SGE applies ``bn_ds`` too
 on its C++ path (``residual_norm``). Whole-model figures are ``scripts/bench_sge.py``'s;

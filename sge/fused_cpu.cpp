@@ -1059,9 +1059,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 // without them, or without its BN).
 // out: where the first map gradient goes instead of a new tensor (dresidual with y_out, else
 // dz; it is then returned empty), of dy's shape, type and layout; it may be dy itself,
-// since each element of dy is read before that gradient is written at the same place (and
-// dy is not read again). A dy copied here (another type or layout) is the op's own and
-// used so without out.
+// since the kernels' last read of each element of dy comes before that gradient is written
+// at the same place. A dy copied here (another type or layout) is the op's own and used so
+// without out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
