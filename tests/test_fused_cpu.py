@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.testing import assert_close
 
@@ -910,3 +911,27 @@ def test_inference_mode_calls_need_no_calibration():
     assert fused_mod._free_refs == {}
     fused(x.requires_grad_()).sum().backward()
     assert ("refs" in fused_mod._free_refs) == HAS_COMPILER
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_with_gradients_written_over(reentrant, over_dy):
+    # Each stage under torch.utils.checkpoint: the gradients equal the reference model's
+    # without it. Non-reentrant checkpointing hands every block's gradient over as autograd's
+    # own; the reentrant kind passes each stage's last block the gradient it was given
+    # (held by its backward), which stays untouched.
+    ref, fused = test_fused._models()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(0))
+
+    def loss(model, checkpointed):
+        y = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            y = torch.utils.checkpoint.checkpoint(stage, y, use_reentrant=reentrant) \
+                if checkpointed else stage(y)
+        return nn.functional.cross_entropy(model.forward_head(y), labels)
+    loss(ref, False).backward()
+    loss(fused, True).backward()
+    assert over_dy == ([False, True] * 4 if reentrant else [True] * 8)
+    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
+        assert_close(b.grad, a.grad, msg=name)
