@@ -78,8 +78,8 @@ def _shortcut(downsample, x):
 class SGEBottleneck(Bottleneck):
     """timm's Bottleneck, whose fused SGE also does the residual add and the ReLU (and a
     downsampling shortcut's BN): the block's output is written in one pass where ResNet
-    makes three (BN, add, ReLU). Same
-    modules, keys and outputs; other SGE blocks (reference, drop path) run timm's forward."""
+    makes three (BN, add, ReLU). Same modules, keys and outputs; other SGE blocks
+    (reference, drop path) run timm's forward."""
 
     def forward(self, x):
         if not _folds_tail(self, x):

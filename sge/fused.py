@@ -503,19 +503,22 @@ def _backward_with(op, ctx, dy, **kw):
         ctx.saved_tensors
     outs = op(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn,
               *rsaved, *ctx.rbn, **kw)
-    dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = outs[:6]
+    dz, dresidual, dweight, dbias = outs[:4]
     if not ctx.residual:
         dresidual = None
-    if dbn_weight is None or dbn_weight.numel() == 0:
-        dbn_weight = dbn_bias = None
-    grads = (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias, dresidual, None, None,
-             None, None)
+    grads = (dz, *_norm_grads(*outs[4:6]), None, None, None, dweight, dbias, dresidual, None,
+             None, None, None)
     if len(outs) == 6:
         return grads
-    drbn_weight, drbn_bias = outs[6:]
-    if drbn_weight is None or drbn_weight.numel() == 0:
-        drbn_weight = drbn_bias = None
-    return (*grads, drbn_weight, drbn_bias, None, None, None, None)
+    return (*grads, *_norm_grads(*outs[6:]), None, None, None, None)
+
+
+def _norm_grads(dweight, dbias):
+    """A BN's parameter gradients, or ``(None, None)`` where it has no parameters (the C++
+    kernels give empty tensors there)."""
+    if dweight is None or dweight.numel() == 0:
+        return None, None
+    return dweight, dbias
 
 
 def _backward(ctx, dy, *_stat_grads):
