@@ -56,7 +56,6 @@ costs the host far less per call.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Optional
 
 import torch
@@ -415,7 +414,7 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # y: the forward's output when it had a residual (ReLU's backward is done here too).
     # Custom-op outputs cannot be None: empty tensors stand for "no gradient".
-    dz, dres, dweight, dbias, dbn_weight, dbn_bias, _, _ = _backward_parts(
+    dz, dres, dweight, dbias, dbn_weight, dbn_bias = _backward_parts(
         dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_training,
         bn_eps)
     if dbn_weight is None:
@@ -424,46 +423,34 @@ def _backward_impl(dy: Tensor, y: Optional[Tensor], z: Tensor, bn_weight: Option
 
 
 def _backward_parts(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                    bn_training, bn_eps, residual=None, rbn_weight=None, rbn_bias=None,
-                    rmean=None, rvar=None, rbn_training=False, rbn_eps=0.0, dy_free=False):
-    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias)``;
-    None for the residual's gradient without a residual and for BN's without an affine BN
-    (the C++ kernels' path gives empty tensors there). ``chat, sigma, m``: the forward's
-    statistics (from the Triton kernels, those of the chunked ones, or none). With the
-    residual's own BN (``rmean``, ``rvar``; ``residual`` its input), its backward too:
-    ``dresidual`` is then its input gradient, the last two its parameters' gradients.
-    ``dy_free``: nothing else holds ``dy`` (``_grad_is_free``); the C++ kernels then write
-    the first map gradient over it (the residual's, or ``dz`` without a residual)."""
+                    bn_training, bn_eps):
+    """``(dz, dresidual, dweight, dbias, dbn_weight, dbn_bias)``; None for the residual's
+    gradient without a residual and for BN's without an affine BN (the C++ kernels' path
+    gives empty tensors there). ``chat, sigma, m``: the forward's statistics (from the
+    Triton kernels, those of the chunked ones, or none). (A residual's own BN is only ever
+    applied by the C++ tail node, ``fused_cpu.tail``, whose backward is in C++ too.)"""
     bn = _bn(bn_weight, bn_bias, mean, var, bn_eps)
-    rbn = _bn(rbn_weight, rbn_bias, rmean, rvar, rbn_eps)
     triton = fused_triton.applies(dy, weight.shape[1])
     if not triton and fused_cpu.applies(dy) and z.dtype == dy.dtype:
         with _no_autocast(dy):  # ReLU's backward included; gradients in dy's layout
-            return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight, bias,
-                                      residual, rbn, rbn_training,
-                                      out=dy if dy_free and _dense(dy) else None)
-    dres, drbn = None, (None, None)
+            return fused_cpu.backward(dy, y, z, bn, bn_training, chat, sigma, m, weight,
+                                      bias)[:6]
+    dres = None
     if y is not None:  # ReLU's backward; the add passes its gradient to both branches
         dy = dres = _keep_format(torch.ops.aten.threshold_backward(dy, y, 0), dy)
-        if rbn is not None:  # the residual's BN (when its kernels were not there for this)
-            dres, *drbn = torch.ops.aten.native_batch_norm_backward(
-                dres, residual, rbn_weight, rmean, rvar, rmean,
-                torch.rsqrt(rvar + rbn_eps), rbn_training, rbn_eps,
-                [True, rbn_weight is not None, rbn_weight is not None])
-            dres = _keep_format(dres, dy)
     if triton:  # outside _no_autocast (host time)
         kept = (m, sigma) if m is not None and m.numel() else None  # the chunked kernels'
         grads = fused_triton.backward(dy, z, bn, bn_training, weight, bias, weight.shape[1],
                                       kept)
         if grads is not None:
-            return grads[0], dres, *grads[1:], *drbn
+            return grads[0], dres, *grads[1:]
     with _no_autocast(dy):
         if triton:  # not buildable here (notice given): the PyTorch path's statistics
             _, chat, sigma, m = sge_forward(z, bn_weight, bn_bias, mean, var, weight, bias,
                                             weight.shape[1], bn_eps)
         dz, *grads = sge_backward(dy, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight,
                                   bias, bn_training, bn_eps)
-    return dz, dres, *grads, *drbn
+    return dz, dres, *grads
 
 
 _fused_backward = torch.library.custom_op("sge::fused_backward", mutates_args=(),
@@ -479,46 +466,28 @@ def _(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, bn_
             torch.empty_like(weight), torch.empty_like(bias), like(bn_weight), like(bn_weight))
 
 
-def _setup_context(ctx, inputs, output, residual_bn=()):
-    """``residual_bn``: ``(rbn_weight, rbn_bias, rmean, rvar, rbn_training, rbn_eps)`` when the
-    op applied the residual's own BN (eager calls only)."""
+def _setup_context(ctx, inputs, output):
     z, bn_weight, bn_bias, mean, var, _, weight, bias, residual, _, bn_training, bn_eps, _ = \
         inputs
     y, chat, sigma, m = output
     # With a residual, ReLU's backward needs the output: the block's output, which the next
-    # block's convolution keeps anyway (no extra memory). The residual itself only with its
-    # own BN, whose backward needs it (as nn.BatchNorm2d would have kept it).
+    # block's convolution keeps anyway (no extra memory).
     ctx.residual = residual is not None
     ctx.save_for_backward(z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias,
-                          y if ctx.residual else None,
-                          *((residual, *residual_bn[:4]) if residual_bn else ()))
+                          y if ctx.residual else None)
     ctx.bn = (bn_training, bn_eps)
-    ctx.rbn = tuple(residual_bn[4:])
 
 
-def _backward_with(op, ctx, dy, **kw):
-    """The gradients of the op's inputs: its 13, then with ``_backward_parts`` as ``op``
-    (eager calls, ``kw`` its ``dy_free``) the 6 of the residual's BN arguments."""
-    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y, *rsaved = \
-        ctx.saved_tensors
-    outs = op(dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn,
-              *rsaved, *ctx.rbn, **kw)
-    dz, dresidual, dweight, dbias = outs[:4]
-    if not ctx.residual:
-        dresidual = None
-    grads = (dz, *_norm_grads(*outs[4:6]), None, None, None, dweight, dbias, dresidual, None,
-             None, None, None)
-    if len(outs) == 6:
-        return grads
-    return (*grads, *_norm_grads(*outs[6:]), None, None, None, None)
-
-
-def _norm_grads(dweight, dbias):
-    """A BN's parameter gradients, or ``(None, None)`` where it has no parameters (the C++
-    kernels give empty tensors there)."""
-    if dweight is None or dweight.numel() == 0:
-        return None, None
-    return dweight, dbias
+def _backward_with(op, ctx, dy):
+    """The gradients of the op's 13 inputs (``op``: the custom op, or ``_backward_parts`` in
+    eager calls)."""
+    z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, y = ctx.saved_tensors
+    dz, dresidual, dweight, dbias, dbn_weight, dbn_bias = op(
+        dy, y, z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias, *ctx.bn)
+    if dbn_weight is None or dbn_weight.numel() == 0:  # BN without parameters
+        dbn_weight = dbn_bias = None
+    return (dz, dbn_weight, dbn_bias, None, None, None, dweight, dbias,
+            dresidual if ctx.residual else None, None, None, None, None)
 
 
 def _backward(ctx, dy, *_stat_grads):
@@ -526,55 +495,6 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _grad_refs(dy: Tensor) -> Optional[tuple]:
-    """The references to a backward's incoming gradient ``dy`` where the C++ kernels take
-    it: Python's to its object, C++'s to its tensor and to its storage (else None).
-    ``_EagerFused.backward`` and ``_FreeGradProbe.backward`` take them by the same statement
-    first thing, so that their own references are the same."""
-    if torch.compiler.is_compiling() or not fused_cpu.applies(dy):
-        return None
-    return (sys.getrefcount(dy), *fused_cpu.refs(dy))
-
-
-_free_refs: dict = {}
-
-
-class _FreeGradProbe(torch.autograd.Function):
-    """Gives ``_grad_refs`` of a gradient that autograd alone holds (``_grad_is_free``)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, dy):
-        refs = _grad_refs(dy)
-        _free_refs["refs"] = refs
-        return dy
-
-
-def _calibrate_free_refs() -> None:
-    """Records, once per process, the references of a gradient nobody else holds: a
-    multiplication's fresh output, passed to ``_FreeGradProbe``'s backward."""
-    if "refs" not in _free_refs:
-        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            x = torch.zeros(2, requires_grad=True)
-            (_FreeGradProbe.apply(x) * 2.0).sum().backward()
-
-
-def _grad_is_free(refs: Optional[tuple]) -> bool:
-    """Whether a backward may write over its incoming gradient, given its ``_grad_refs``:
-    autograd alone holds it, as a calibrated fresh gradient is held (``_calibrate_free_refs``,
-    run by the forward). Any other holder adds a reference: a tensor hook that kept it (its
-    Python object), a post-hook on the node, ``torch.autograd.grad`` capturing it (its
-    tensor), a view of the same memory, as another slice's gradient is after ``torch.cat``
-    (its storage). Never with ``create_graph`` (grad mode on), where the gradient may be
-    part of a graph. PyTorch's own gradient accumulation steals buffers by the same kind of
-    count (``AccumulateGrad``, ``InputBuffer::add``)."""
-    return (refs is not None and not torch.is_grad_enabled()
-            and refs == _free_refs.get("refs"))
 
 
 class _EagerFused(torch.autograd.Function):
@@ -601,36 +521,25 @@ class _EagerFused(torch.autograd.Function):
     (docs/benchmarks.md, "Fourth GPU session")."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        # The custom op's 13 inputs, then the residual's own BN: rbn_weight, rbn_bias, rmean,
-        # rvar (None without it), rbn_training, rbn_eps.
+    def forward(ctx, *inputs):  # the custom op's 13 inputs
         z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups, _, bn_eps, \
-            keep = inputs[:13]
-        rbn = _bn(*inputs[13:17], inputs[18])
+            keep = inputs
         y, stats = _forward_parts(z, bn_weight, bn_bias, mean, var, zmean, weight, bias,
-                                  residual, groups, bn_eps, keep, residual_bn=rbn)
-        _setup_context(ctx, inputs[:13], (y, *(stats or (None,) * 3)),
-                       inputs[13:] if rbn is not None else ())
+                                  residual, groups, bn_eps, keep)
+        _setup_context(ctx, inputs, (y, *(stats or (None,) * 3)))
         ctx.channels_last = z.dim() == 4 and not z.is_contiguous() and \
             z.is_contiguous(memory_format=torch.channels_last)
-        if keep and fused_cpu.applies(z):  # a backward to come (never in inference mode)
-            _calibrate_free_refs()
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        refs = _grad_refs(dy)
         # The ops work, and give their gradients, in dy's layout. In a channels_last model
         # the last stage's dy comes NCHW from the head's pooling: taking it as the maps are
         # (one copy of dy) spares copying z and y to NCHW, and keeps the gradients that flow
-        # on channels_last. That copy is this backward's own.
-        free = _grad_is_free(refs)
+        # on channels_last.
         if ctx.channels_last and not dy.is_contiguous(memory_format=torch.channels_last):
-            dy, free = dy.contiguous(memory_format=torch.channels_last), True
-        # When nothing else holds dy, the C++ kernels write the residual's gradient over it:
-        # one full-size tensor less per block, as ResNet's autograd frees dy (ReLU's) before
-        # BN's backward allocates its own (docs/benchmarks.md, "CPU, seventeenth session").
-        return _backward_with(_backward_parts, ctx, dy, dy_free=free)
+            dy = dy.contiguous(memory_format=torch.channels_last)
+        return _backward_with(_backward_parts, ctx, dy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,7 +711,9 @@ class FusedSpatialGroupEnhance(SpatialGroupEnhance):
         if overwrite_input and not torch.is_grad_enabled():  # no backward: no autograd node
             return _forward_parts(*args[:10], bn_args[1], keep, overwrite=True,
                                   residual_bn=_bn(*rbn[:4], rbn[5]))[0]
-        return _EagerFused.apply(*args, *rbn)
+        if _cpu_kernels_run(x, self.groups):  # forward and backward as one C++ node
+            return fused_cpu.tail(*args, *rbn)
+        return _EagerFused.apply(*args)  # (the residual's BN is the C++ kernels' alone)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm_fused={self._norm_owner is not None}"

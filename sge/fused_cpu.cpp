@@ -15,13 +15,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -1012,7 +1017,7 @@ at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) 
 // the same place (the kernels' last pass goes element by element). rmean, rvar (and the
 // optional rbn_weight, rbn_bias): the residual's own BN (a downsampling shortcut's), applied
 // as the residual is read, so that its output is never written.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_cpu_forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
@@ -1061,7 +1066,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 // without out.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
+sge_cpu_backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
          const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
          const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
          const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
@@ -1148,10 +1153,177 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_stats(const at::Tensor& z,
   return {mean, var, zmean};
 }
 
-// The references to t's TensorImpl and to its storage (sge/fused.py's check that a
-// gradient is held by autograd alone).
-std::vector<int64_t> refs(const at::Tensor& t) {
-  return {int64_t(t.use_count()), int64_t(t.storage().use_count())};
+// ---------------------------------------------------------------------------------------
+// The block's tail as one C++ autograd node (sge/fused.py's eager calls on this path).
+//
+// Why: through a Python autograd.Function with its Python wrappers, a tail's forward and
+// backward cost 243 us of host time at 2 x 256 x 4 x 4 (one thread) against ResNet's 123,
+// of which these kernels' own calls were 52: Python and autograd's Python node made most
+// of the difference, paid by every block at every step.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Whether the backward writes its first map gradient over its incoming gradient dy: when
+// autograd alone holds dy (kCheck), by reference counts against a calibration; always or
+// never (tests, A/B timing).
+enum ReusePolicy : int64_t { kCheck = 0, kAlways = 1, kNever = 2 };
+std::atomic<int64_t> reuse_policy{kCheck};
+// The counts of a gradient that autograd alone holds, seen where the tail's backward takes
+// its own (-1: not calibrated yet).
+std::atomic<int64_t> free_tensor_refs{-1}, free_storage_refs{-1};
+// Per backward, while recorded (tests): 1 if it wrote over dy, + 2 if it did the residual
+// BN's backward.
+std::atomic<bool> recording{false};
+std::mutex log_mutex;
+std::vector<int64_t> backward_log;
+
+// A backward's incoming gradient: its tensor's and its storage's reference counts, taken
+// first thing, in the same way by the probe and by the tail.
+std::pair<int64_t, int64_t> grad_refs(const variable_list& grads) {
+  return {int64_t(grads[0].use_count()), int64_t(grads[0].storage().use_count())};
+}
+
+// Records the counts of a fresh gradient: a multiplication's output, which nothing else
+// holds, passed to this node's backward.
+struct FreeGradProbe : public torch::autograd::Function<FreeGradProbe> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x) { return x.clone(); }
+  static variable_list backward(AutogradContext*, variable_list grads) {
+    const auto counts = grad_refs(grads);
+    free_tensor_refs = counts.first;
+    free_storage_refs = counts.second;
+    return {grads[0]};
+  }
+};
+
+// Once per process, before the first tail whose backward is to come (a small backward of
+// its own, so never in inference mode).
+void calibrate_free_grads() {
+  if (free_tensor_refs.load() >= 0) return;
+  at::AutoGradMode grad_mode(true);
+  const at::Tensor x = at::zeros({2}, at::kFloat).requires_grad_();
+  torch::autograd::backward({FreeGradProbe::apply(x).mul(2.0).sum()});
+}
+
+// Whether the tail's backward may write over dy, given its grad_refs: a tensor hook that
+// kept dy (its Python object), a post-hook on the node, torch.autograd.grad capturing it
+// (each a reference to its tensor), a view of the same memory, as another slice's gradient
+// is after torch.cat (its storage), each add a count; with create_graph (grad mode on) dy
+// may be part of a graph. PyTorch's own gradient accumulation steals buffers by the same
+// kind of count (AccumulateGrad, InputBuffer::add).
+bool grad_is_free(std::pair<int64_t, int64_t> counts) {
+  const int64_t policy = reuse_policy.load();
+  if (policy != kCheck) return policy == kAlways;
+  return !at::GradMode::is_enabled() && counts.first == free_tensor_refs.load() &&
+         counts.second == free_storage_refs.load();
+}
+
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+at::Tensor or_none(const OptTensor& t) { return t ? *t : at::Tensor(); }
+// The kernels' empty "no gradient" as autograd's.
+at::Tensor grad_or_none(const at::Tensor& t) { return t.numel() ? t : at::Tensor(); }
+
+// Arguments: sge/fused.py's _fused_forward's 13, then the residual's own BN.
+struct Tail : public torch::autograd::Function<Tail> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z, const OptTensor& bn_weight,
+                            const OptTensor& bn_bias, const OptTensor& mean,
+                            const OptTensor& var, const OptTensor& zmean,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            const OptTensor& residual, int64_t groups, bool bn_training,
+                            double bn_eps, bool keep, const OptTensor& rbn_weight,
+                            const OptTensor& rbn_bias, const OptTensor& rmean,
+                            const OptTensor& rvar, bool rbn_training, double rbn_eps,
+                            double eps) {
+    auto [y, chat, sigma, m] =
+        sge_cpu_forward(z, bn_weight, bn_bias, mean, var, bn_eps, weight, bias, residual,
+                        groups, keep, eps, zmean, std::nullopt, rbn_weight, rbn_bias, rmean,
+                        rvar, rbn_eps);
+    // With a residual, ReLU's backward needs the output: the block's output, which the next
+    // block's convolution keeps anyway. The residual itself only with its own BN, whose
+    // backward needs it (as nn.BatchNorm2d would have kept it).
+    ctx->save_for_backward({z, or_none(bn_weight), or_none(bn_bias), or_none(mean),
+                            or_none(var), chat, sigma, m, weight, bias,
+                            residual ? y : at::Tensor(), rmean ? *residual : at::Tensor(),
+                            or_none(rbn_weight), or_none(rbn_bias), or_none(rmean),
+                            or_none(rvar)});
+    ctx->saved_data["flags"] = c10::List<bool>(
+        {bn_training, rbn_training, bool(residual), is_channels_last(z)});
+    ctx->saved_data["eps"] = c10::List<double>({bn_eps, rbn_eps, eps});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto counts = grad_refs(grads);  // first thing, as the probe's
+    bool free = grad_is_free(counts);
+    const auto s = ctx->get_saved_variables();
+    const auto flags = ctx->saved_data["flags"].toBoolList();
+    const auto eps = ctx->saved_data["eps"].toDoubleList();
+    const bool residual = flags[2], channels_last = flags[3];
+    at::Tensor dy = grads[0];
+    // In a channels_last model the last stage's dy comes NCHW from the head's pooling:
+    // taking it as the maps are (one copy of dy) spares copying z and y to NCHW, and keeps
+    // the gradients that flow on channels_last. That copy is this backward's own.
+    if (channels_last && !dy.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      dy = dy.contiguous(at::MemoryFormat::ChannelsLast);
+      free = reuse_policy.load() != kNever;
+    }
+    const bool dense = dy.is_contiguous() || dy.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const bool over_dy = free && dense && dy.scalar_type() == s[0].scalar_type();
+    if (recording.load()) {
+      std::lock_guard<std::mutex> lock(log_mutex);
+      backward_log.push_back(int64_t(over_dy) + 2 * int64_t(s[14].defined()));
+    }
+    auto [dz, dres, dweight, dbias, dbn_weight, dbn_bias, drbn_weight, drbn_bias] =
+        sge_cpu_backward(dy, opt(s[10]), s[0], opt(s[1]), opt(s[2]), opt(s[3]), opt(s[4]),
+                         eps[0], flags[0], s[5], s[6], s[7], s[8], s[9], eps[2], opt(s[11]),
+                         opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]), eps[1], flags[1],
+                         over_dy ? OptTensor(dy) : std::nullopt);
+    if (over_dy) (residual ? dres : dz) = dy;
+    const at::Tensor none;
+    return {dz, grad_or_none(dbn_weight), grad_or_none(dbn_bias), none, none, none, dweight,
+            dbias, residual ? dres : none, none, none, none, none, grad_or_none(drbn_weight),
+            grad_or_none(drbn_bias), none, none, none, none, none};
+  }
+};
+
+at::Tensor tail(const at::Tensor& z, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                const OptTensor& mean, const OptTensor& var, const OptTensor& zmean,
+                const at::Tensor& weight, const at::Tensor& bias, const OptTensor& residual,
+                int64_t groups, bool bn_training, double bn_eps, bool keep,
+                const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
+                const OptTensor& rvar, bool rbn_training, double rbn_eps, double eps) {
+  // Autocast has nothing to downcast here (no matmuls), and the statistics stay in z's type.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (keep && at::GradMode::is_enabled()) calibrate_free_grads();
+  return Tail::apply(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
+                     bn_training, bn_eps, keep, rbn_weight, rbn_bias, rmean, rvar,
+                     rbn_training, rbn_eps, eps);
+}
+
+// Sets the reuse policy (kCheck, kAlways, kNever; -1 leaves it; 3 forgets the calibration,
+// which the next tail bound for a backward takes again, and checks); gives the policy and
+// the calibration's two counts (-1 when not taken) as they were.
+std::vector<int64_t> grad_reuse(int64_t policy) {
+  std::vector<int64_t> before{reuse_policy.load(), free_tensor_refs.load(),
+                              free_storage_refs.load()};
+  TORCH_CHECK(policy >= -1 && policy <= 3, "sge_cpu: no reuse policy ", policy);
+  if (policy == 3) {
+    free_tensor_refs = -1;
+    free_storage_refs = -1;
+    policy = kCheck;
+  }
+  if (policy >= 0) reuse_policy = policy;
+  return before;
+}
+
+// The tail backwards' log entries since the last call, and whether to record them from now
+// on.
+std::vector<int64_t> backward_log_since(bool record) {
+  std::lock_guard<std::mutex> lock(log_mutex);
+  std::vector<int64_t> log;
+  log.swap(backward_log);
+  recording = record;
+  return log;
 }
 
 }  // namespace
@@ -1161,14 +1333,21 @@ TORCH_LIBRARY(sge_cpu, lib) {
           "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
           "float eps, Tensor? zmean, Tensor(a!)? out, Tensor? rbn_weight, Tensor? rbn_bias, "
           "Tensor? rmean, Tensor? rvar, float rbn_eps) -> (Tensor, Tensor, Tensor, Tensor)",
-          &forward);
+          &sge_cpu_forward);
   lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
           "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps, Tensor? residual, "
           "Tensor? rbn_weight, Tensor? rbn_bias, Tensor? rmean, Tensor? rvar, float rbn_eps, "
           "bool rbn_training, Tensor(a!)? out=None) "
-          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", &backward);
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+          &sge_cpu_backward);
   lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "float momentum) -> (Tensor, Tensor, Tensor)", &batch_stats);
-  lib.def("refs(Tensor t) -> int[]", &refs);
+  lib.def("tail(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
+          "Tensor? zmean, Tensor weight, Tensor bias, Tensor? residual, int groups, "
+          "bool bn_training, float bn_eps, bool keep, Tensor? rbn_weight, Tensor? rbn_bias, "
+          "Tensor? rmean, Tensor? rvar, bool rbn_training, float rbn_eps, float eps) -> Tensor",
+          &tail);
+  lib.def("grad_reuse(int policy) -> int[]", &grad_reuse);
+  lib.def("backward_log(bool record) -> int[]", &backward_log_since);
 }

@@ -143,12 +143,38 @@ def backward(dy: Tensor, y, z: Tensor, bn, bn_training: bool, chat: Tensor, sigm
     return tuple(grads)
 
 
-def refs(t: Tensor) -> tuple[int, int]:
-    """``(references to t's tensor, references to its storage)`` held in C++ (as ``forward``
-    and ``backward`` would see ``t``): the first counts each holder of the same tensor once
-    (the Python object once, however many names it has), the second each tensor sharing its
-    memory (views)."""
-    return tuple(_ops().refs(t))
+def tail(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
+         bn_training, bn_eps, keep, rbn_weight, rbn_bias, rmean, rvar, rbn_training, rbn_eps):
+    """``forward``'s ``y`` as one C++ autograd node, whose backward is ``backward``'s (the
+    block tail of eager training: the arguments of ``sge.fused._fused_forward``, then the
+    residual's own BN as ``FusedSpatialGroupEnhance`` passes them). Its backward writes the
+    first map gradient over its incoming gradient when autograd alone holds that
+    (``grad_reuse``)."""
+    return _ops().tail(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
+                       bn_training, bn_eps, keep, rbn_weight, rbn_bias, rmean, rvar,
+                       rbn_training, rbn_eps, EPS)
+
+
+_POLICIES = ("check", "always", "never")
+
+
+def grad_reuse(policy=None, recalibrate: bool = False) -> tuple:
+    """``(policy, calibration)`` as they were, and sets them: whether ``tail``'s backward
+    writes over its incoming gradient: "check" (the default: when autograd alone holds it,
+    by its reference counts against a calibration taken once per process on a fresh
+    gradient, before the first tail bound for a backward), "always" or "never" (tests, A/B
+    timing). ``calibration``: the fresh gradient's counts (tensor, storage), None before it
+    is taken; ``recalibrate`` drops it (and sets "check")."""
+    code = 3 if recalibrate else -1 if policy is None else _POLICIES.index(policy)
+    was, *counts = _ops().grad_reuse(code)
+    return _POLICIES[was], None if counts[0] < 0 else tuple(counts)
+
+
+def tail_backwards(record: bool) -> list[tuple[bool, bool]]:
+    """For each ``tail`` backward since the last call, in their order: whether it wrote over
+    its incoming gradient, and whether it did the residual BN's backward (recorded only while
+    ``record`` was last given True; tests)."""
+    return [(bool(e & 1), bool(e & 2)) for e in _ops().backward_log(record)]
 
 
 def batch_stats(z: Tensor, running_mean=None, running_var=None, momentum: float = 0.0):
