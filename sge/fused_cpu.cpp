@@ -512,10 +512,14 @@ void with_row_ops(int64_t K, int64_t gw, F&& f) {
 // then per position the group sums of g_k a_k (z_k - mean(z_k)) (group_sums), then the
 // statistics per group down the positions, and the gate expanded back to the channels. The
 // per-(position, group) values are kept by row (P x gw, K times smaller than the task's map).
+// chat: kept as (group, position) rows of P (chat_ld 0: the ops' layout), or by position,
+// rows of chat_ld (the tail node's, whose backward reads it so: no transposes; at the first
+// stage, K = 4, they took a tenth of the forward).
 template <typename T, typename Ops>
 void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K, int64_t gw,
                   int64_t ch0, const Affine<T>& bn, const Affine<T>& rbn, const T* gamma,
-                  const T* beta, T eps, T* chat, T* sigma, T* m, const T* zmean, Ops& ops) {
+                  const T* beta, T eps, T* chat, int64_t chat_ld, T* sigma, T* m,
+                  const T* zmean, Ops& ops) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
@@ -567,23 +571,38 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
     inv[g] = T(1) / (sd + eps);
     if (sigma) sigma[g] = sd;
   }
-  for (int64_t p = 0; p < P; ++p) {
-    T* tr = t + p * gw;
+  const bool by_group = chat && chat_ld == 0;
+  if (by_group) {
+    for (int64_t p = 0; p < P; ++p) {
+      T* tr = t + p * gw;
 #pragma omp simd
-    for (int64_t g = 0; g < gw; ++g) tr[g] *= inv[g];
+      for (int64_t g = 0; g < gw; ++g) tr[g] *= inv[g];
+    }
+    transpose(t, P, gw, gw, chat, P);  // kept as (group, position)
   }
-  if (chat) transpose(t, P, gw, gw, chat, P);  // kept as (group, position)
   for (int64_t p = 0; p < P; ++p) {
     T* tr = t + p * gw;
+    if (by_group) {
 #pragma omp simd
-    for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * tr[g] + beta[g]);
+      for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * tr[g] + beta[g]);
+    } else if (chat) {  // kept by position
+      T* cr = chat + p * chat_ld;
+#pragma omp simd
+      for (int64_t g = 0; g < gw; ++g) {
+        cr[g] = tr[g] * inv[g];
+        tr[g] = sigmoid(gamma[g] * cr[g] + beta[g]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t g = 0; g < gw; ++g) tr[g] = sigmoid(gamma[g] * (tr[g] * inv[g]) + beta[g]);
+    }
     ops.gated(z + p * C, a.data(), b.data(), tr, r ? r + p * C : nullptr,
               rbn.on() ? ra.data() : nullptr, rbn.on() ? rb.data() : nullptr, y + p * C);
   }
 }
 
 // backward_tile on a channels_last map (layout as forward_rows'): chat comes as (group,
-// position) rows and is read by position; sd, gamma, beta, dw, db per group from g0; mk,
+// position) rows (chat_ld 0) and is read by position, or by position in rows of chat_ld; sd, gamma, beta, dw, db per group from g0; mk,
 // sum_dx, sum_dxz per channel from ch0. Three passes along the rows: ds = sum_k dy_k x_k per
 // position and group (ReLU's backward first with yo, writing dres); dm = mean_p(x_p dc_p)
 // per channel; dx. (Folding the second into the first, by sums that dc's per-group
@@ -592,17 +611,22 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
 template <typename T, typename Ops>
 void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P, int64_t C,
                    int64_t K, int64_t gw, int64_t ch0, const Affine<T>& bn, const T* gamma,
-                   const T* beta, const T* sd, const T* chat, const T* mk, T eps, T* dw, T* db,
-                   T* sum_dx, T* sum_dxz, Ops& ops) {
+                   const T* beta, const T* sd, const T* chat, int64_t chat_ld, const T* mk,
+                   T eps, T* dw, T* db, T* sum_dx, T* sum_dxz, Ops& ops) {
   const int64_t cw = gw * K;
   const T dof = T(std::max<int64_t>(P - 1, 1));
   const auto [a, b] = affine_rows(bn, ch0, cw);
   // Per (position, group): chat, the gate s, ds then da then dc.
-  T* ct = reused<T>(0, P * gw);
+  const T* ct = chat;
+  const int64_t ld = chat_ld ? chat_ld : gw;
+  if (chat_ld == 0) {
+    T* rows = reused<T>(0, P * gw);
+    transpose(chat, gw, P, P, rows, gw);
+    ct = rows;
+  }
   T* s = reused<T>(1, P * gw);
   T* d = reused<T>(2, P * gw);
   std::vector<T> coef(gw), f(gw), mean_da(gw);
-  transpose(chat, gw, P, P, ct, gw);
   for (int64_t p = 0; p < P; ++p) {  // ReLU's backward first with yo, written to dr
     ops.ds(dy + p * C, yo ? yo + p * C : nullptr, yo ? dr + p * C : nullptr, z + p * C,
            a.data(), b.data(), d + p * gw);
@@ -611,7 +635,7 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
   for (int64_t p = 0; p < P; ++p) {
     T* dp = d + p * gw;
     T* sr = s + p * gw;
-    const T* cr = ct + p * gw;
+    const T* cr = ct + p * ld;
     T* acc = da_sum.row();
     T* acc2 = da_chat.row();
 #pragma omp simd
@@ -636,7 +660,7 @@ void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P
   ColumnSums<T> dm(cw);
   for (int64_t p = 0; p < P; ++p) {
     T* dp = d + p * gw;
-    const T* cr = ct + p * gw;
+    const T* cr = ct + p * ld;
 #pragma omp simd
     for (int64_t g = 0; g < gw; ++g) dp[g] = f[g] * (dp[g] - mean_da[g] + cr[g] * coef[g]);
     ops.dm(dp, z + p * C, a.data(), b.data(), dm.row());
@@ -659,7 +683,7 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const Affine<T>& rbn
                   const at::Tensor& residual, const at::Tensor& y,
                   const at::Tensor& chat, const at::Tensor& sigma, const at::Tensor& m,
                   const at::Tensor& zmean, int64_t groups, bool keep, bool channels_last,
-                  double eps_) {
+                  double eps_, bool chat_by_position) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3), K = C / groups;
   const T* zp = z.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -699,7 +723,10 @@ void forward_impl(const at::Tensor& z, const Affine<T>& bn, const Affine<T>& rbn
       with_row_ops<T>(K, sp.g1 - sp.g0, [&](auto& ops) {
         forward_rows(zp + sp.at, yp + sp.at, rp ? rp + sp.at : nullptr, P, C, K, sp.g1 - sp.g0,
                      sp.g0 * K, bn, rbn, wp + sp.g0, bp + sp.g0, eps,
-                     keep ? chatp + row * P : nullptr, keep ? sigmap + row : nullptr,
+                     !keep ? nullptr
+                           : chat_by_position ? chatp + sp.n * groups * P + sp.g0
+                                              : chatp + row * P,
+                     chat_by_position ? groups : 0, keep ? sigmap + row : nullptr,
                      keep ? mp + row * K : nullptr, zmp ? zmp + row * K : nullptr, ops);
       });
     }
@@ -715,7 +742,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
                    const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& dres, const at::Tensor& dx, const at::Tensor& dw,
                    const at::Tensor& db, const at::Tensor& sums, bool channels_last,
-                   double eps_) {
+                   double eps_, bool chat_by_position) {
   const int64_t N = z.size(0), C = z.size(1), P = z.size(2) * z.size(3);
   const int64_t groups = chat.size(1), K = C / groups;
   const T* dyp = dy.const_data_ptr<T>();
@@ -758,7 +785,9 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& y_out, const at::Tens
       with_row_ops<T>(K, sp.g1 - sp.g0, [&](auto& ops) {
         backward_rows(dyp + sp.at, yop ? yop + sp.at : nullptr, yop ? drp + sp.at : nullptr,
                       zp + sp.at, dxp + sp.at, P, C, K, sp.g1 - sp.g0, sp.g0 * K, bn,
-                      wp + sp.g0, bp + sp.g0, sigmap + row, chatp + row * P, mp + row * K, eps,
+                      wp + sp.g0, bp + sp.g0, sigmap + row,
+                      chat_by_position ? chatp + sp.n * groups * P + sp.g0 : chatp + row * P,
+                      chat_by_position ? groups : 0, mp + row * K, eps,
                       dwp + row, dbp + row, sump ? sump + at : nullptr,
                       sump ? sump + N * C + at : nullptr, ops);
       });
@@ -1016,13 +1045,16 @@ at::Tensor channel_tensor(const std::vector<double>& v, const at::Tensor& like) 
 // and layout; it may be z itself, since every element of z is read before y is written at
 // the same place (the kernels' last pass goes element by element). rmean, rvar (and the
 // optional rbn_weight, rbn_bias): the residual's own BN (a downsampling shortcut's), applied
-// as the residual is read, so that its output is never written.
+// as the residual is read, so that its output is never written. chat_by_position (the tail
+// node's; channels_last maps only): chat kept by position, as (N, H*W, G), for a backward
+// told the same.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_cpu_forward(
     const at::Tensor& z_in, const OptTensor& bn_weight, const OptTensor& bn_bias,
     const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
     const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
     const OptTensor& zmean, const OptTensor& out, const OptTensor& rbn_weight,
-    const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar, double rbn_eps) {
+    const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar, double rbn_eps,
+    bool chat_by_position) {
   const bool cl = is_channels_last(z_in);
   const at::Tensor z = z_in.contiguous(format_of(cl));
   TORCH_CHECK(!residual || residual->sizes() == z.sizes(),
@@ -1047,7 +1079,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_cpu_forward(
                     affine_of<T>(rbn_weight, rbn_bias, rmean, rvar, rbn_eps, C),
                     as_type<T>(weight), as_type<T>(bias),
                     residual ? as_type<T>(*residual, format_of(cl)) : at::Tensor(), y, chat,
-                    sigma, m, means ? as_type<T>(*zmean) : at::Tensor(), groups, keep, cl, eps);
+                    sigma, m, means ? as_type<T>(*zmean) : at::Tensor(), groups, keep, cl, eps,
+                    chat_by_position && cl);
   });
   return {out ? z.new_empty({0}) : y, chat, sigma, m};
 }
@@ -1063,7 +1096,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_cpu_forward(
 // dz; it is then returned empty), of dy's shape, type and layout; it may be dy itself,
 // since the kernels' last read of each element of dy comes before that gradient is written
 // at the same place. A dy copied here (another type or layout) is the op's own and used so
-// without out.
+// without out. chat_by_position: chat as the forward kept it when told so (channels_last).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 sge_cpu_backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
@@ -1072,8 +1105,11 @@ sge_cpu_backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tens
          const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
          const at::Tensor& bias, double eps, const OptTensor& residual,
          const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
-         const OptTensor& rvar, double rbn_eps, bool rbn_training, const OptTensor& out) {
+         const OptTensor& rvar, double rbn_eps, bool rbn_training, const OptTensor& out,
+         bool chat_by_position) {
   const bool cl = is_channels_last(dy_in);  // the layout of dy and of the gradients
+  TORCH_CHECK(!chat_by_position || cl, "sge_cpu: chat kept by position needs a "
+              "channels_last backward");
   const at::Tensor z = z_in.contiguous(format_of(cl));
   const at::Tensor dy = dy_in.to(z.scalar_type()).contiguous(format_of(cl));
   TORCH_CHECK(dy.sizes() == z.sizes() && (!y_out || y_out->sizes() == z.sizes()),
@@ -1099,7 +1135,7 @@ sge_cpu_backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tens
     const Affine<T> bn = affine_of<T>(bn_weight, bn_bias, mean, var, bn_eps, C);
     const at::Tensor sums = bn.on() ? z.new_empty({2, N, C}) : z.new_empty({0});
     backward_impl<T>(dy, yo, z, bn, chat, sigma, m, as_type<T>(weight), as_type<T>(bias),
-                     dres, dx, dw, db, sums, cl, eps);
+                     dres, dx, dw, db, sums, cl, eps, chat_by_position);
     // A BN's backward over its output gradient g in place, and its parameters' gradients
     // into dpw, dpb when it has parameters.
     auto norm_backward = [&](const at::Tensor& g, const at::Tensor& input, const Affine<T>& f,
@@ -1237,7 +1273,7 @@ struct Tail : public torch::autograd::Function<Tail> {
     auto [y, chat, sigma, m] =
         sge_cpu_forward(z, bn_weight, bn_bias, mean, var, bn_eps, weight, bias, residual,
                         groups, keep, eps, zmean, std::nullopt, rbn_weight, rbn_bias, rmean,
-                        rvar, rbn_eps);
+                        rvar, rbn_eps, /*chat_by_position=*/true);
     // With a residual, ReLU's backward needs the output: the block's output, which the next
     // block's convolution keeps anyway. The residual itself only with its own BN, whose
     // backward needs it (as nn.BatchNorm2d would have kept it).
@@ -1277,7 +1313,7 @@ struct Tail : public torch::autograd::Function<Tail> {
         sge_cpu_backward(dy, opt(s[10]), s[0], opt(s[1]), opt(s[2]), opt(s[3]), opt(s[4]),
                          eps[0], flags[0], s[5], s[6], s[7], s[8], s[9], eps[2], opt(s[11]),
                          opt(s[12]), opt(s[13]), opt(s[14]), opt(s[15]), eps[1], flags[1],
-                         over_dy ? OptTensor(dy) : std::nullopt);
+                         over_dy ? OptTensor(dy) : std::nullopt, channels_last);
     if (over_dy) (residual ? dres : dz) = dy;
     const at::Tensor none;
     return {dz, grad_or_none(dbn_weight), grad_or_none(dbn_bias), none, none, none, dweight,
@@ -1326,6 +1362,32 @@ std::vector<int64_t> backward_log_since(bool record) {
   return log;
 }
 
+// The ops (chat by group and position).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& z, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& mean, const OptTensor& var, double bn_eps, const at::Tensor& weight,
+    const at::Tensor& bias, const OptTensor& residual, int64_t groups, bool keep, double eps,
+    const OptTensor& zmean, const OptTensor& out, const OptTensor& rbn_weight,
+    const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar, double rbn_eps) {
+  return sge_cpu_forward(z, bn_weight, bn_bias, mean, var, bn_eps, weight, bias, residual,
+                         groups, keep, eps, zmean, out, rbn_weight, rbn_bias, rmean, rvar,
+                         rbn_eps, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+backward_op(const at::Tensor& dy, const OptTensor& y_out, const at::Tensor& z,
+            const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+            const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
+            const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
+            const at::Tensor& bias, double eps, const OptTensor& residual,
+            const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
+            const OptTensor& rvar, double rbn_eps, bool rbn_training, const OptTensor& out) {
+  return sge_cpu_backward(dy, y_out, z, bn_weight, bn_bias, mean, var, bn_eps, bn_training,
+                          chat, sigma, m, weight, bias, eps, residual, rbn_weight, rbn_bias,
+                          rmean, rvar, rbn_eps, rbn_training, out, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sge_cpu, lib) {
@@ -1333,14 +1395,14 @@ TORCH_LIBRARY(sge_cpu, lib) {
           "float bn_eps, Tensor weight, Tensor bias, Tensor? residual, int groups, bool keep, "
           "float eps, Tensor? zmean, Tensor(a!)? out, Tensor? rbn_weight, Tensor? rbn_bias, "
           "Tensor? rmean, Tensor? rvar, float rbn_eps) -> (Tensor, Tensor, Tensor, Tensor)",
-          &sge_cpu_forward);
+          &forward_op);
   lib.def("backward(Tensor dy, Tensor? y_out, Tensor z, Tensor? bn_weight, Tensor? bn_bias, "
           "Tensor? mean, Tensor? var, float bn_eps, bool bn_training, Tensor chat, "
           "Tensor sigma, Tensor m, Tensor weight, Tensor bias, float eps, Tensor? residual, "
           "Tensor? rbn_weight, Tensor? rbn_bias, Tensor? rmean, Tensor? rvar, float rbn_eps, "
           "bool rbn_training, Tensor(a!)? out=None) "
           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-          &sge_cpu_backward);
+          &backward_op);
   lib.def("batch_stats(Tensor z, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "float momentum) -> (Tensor, Tensor, Tensor)", &batch_stats);
   lib.def("tail(Tensor z, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
