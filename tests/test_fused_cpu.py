@@ -772,6 +772,18 @@ def test_backward_out_is_checked():
             fused_cpu.backward(dy, *args, **kw, out=bad)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
+def test_kernels_refuse_empty_maps():
+    # (The module never hands them one: fused_cpu.applies takes non-empty maps only.) Their
+    # per-channel sums are written by the first block of rows, which an empty map lacks.
+    empty = torch.zeros(2, 4, 0, 3)
+    weight, bias = torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)
+    for call in (lambda: fused_cpu.batch_stats(empty),
+                 lambda: fused_cpu.forward(empty, None, weight, bias, 2, True)):
+        with pytest.raises(RuntimeError, match="takes non-empty 4-d maps"):
+            call()
+
+
 def _tail(dtype=torch.float64, seed=0):
     """A fused tail (BN + fused SGE, residual) with its reference, and an input pair."""
     n, c, h, w, g = SHAPES[0]
