@@ -610,8 +610,8 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
 }
 
 // backward_tile on a channels_last map (layout as forward_rows'): chat comes as (group,
-// position) rows (chat_ld 0) and is read by position, or by position in rows of chat_ld; sd, gamma, beta, dw, db per group from g0; mk,
-// sum_dx, sum_dxz per channel from ch0. Three passes along the rows: ds = sum_k dy_k x_k per
+// position) rows (chat_ld 0) and is read by position, or by position in rows of chat_ld;
+// sd, gamma, beta, dw, db per group from g0; mk, sum_dx, sum_dxz per channel from ch0. Three passes along the rows: ds = sum_k dy_k x_k per
 // position and group (ReLU's backward first with yo, writing dres); dm = mean_p(x_p dc_p)
 // per channel; dx. (Folding the second into the first, by sums that dc's per-group
 // coefficients multiply afterwards, measured slower: the first pass is the one that waits on
@@ -1314,6 +1314,10 @@ struct Tail : public torch::autograd::Function<Tail> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto counts = grad_refs(grads);  // first thing, as the probe's
     bool free = grad_is_free(counts);
+    // (A backward called inside an autocast region: as in the forward, nothing to downcast.)
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    // As saved: z, bn_weight, bn_bias, mean, var, chat, sigma, m, weight, bias (0-9), y (10),
+    // the residual (11), rbn_weight, rbn_bias, rmean, rvar (12-15); undefined where absent.
     const auto s = ctx->get_saved_variables();
     const auto flags = ctx->saved_data["flags"].toBoolList();
     const auto eps = ctx->saved_data["eps"].toDoubleList();

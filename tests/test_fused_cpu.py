@@ -434,7 +434,8 @@ def test_forward_takes_the_channel_means_of_batch_stats(dtype, channels_last, re
     for training in (True, False):
         norm, sge = _bn_pair(c, g, dtype, training)[0]
         sge(norm(torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=layout)))
-    assert [f["zmean"] is not None for f in forwards] == [True, False]  # the running statistics in eval mode come without them
+    # The running statistics in eval mode come without them.
+    assert [f["zmean"] is not None for f in forwards] == [True, False]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -839,13 +840,13 @@ def test_gradient_reuse_can_be_switched_off(over_dy, request):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
 def test_tail_node_under_autocast_keeps_float32(over_dy):
     # A float32 map reaching the tail under CPU autocast (a model part autocast leaves in
-    # float32): the node runs the kernels in float32, forward and backward, bitwise as
-    # without autocast.
+    # float32), its backward called there too: the node runs the kernels in float32, bitwise
+    # as without autocast.
     fused, _, x, r, weight = _tail(torch.float32)
     plain = _tail_grads(fused, x, r, weight, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the backward inside it too
         y, xi, ri = _tail_output(fused, x, r, True)
-    (y * weight).sum().backward()
+        (y * weight).sum().backward()
     assert y.dtype == torch.float32 and over_dy() == [True, True]
     for a, b in zip((y, xi.grad, ri.grad), plain):
         assert torch.equal(a, b)
