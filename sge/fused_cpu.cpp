@@ -903,26 +903,31 @@ std::pair<std::vector<double>, std::vector<double>> bn_backward(
   if (training) b.resize(C), d.resize(C);
   std::vector<double> dgamma(C), dbeta(C);
   // The samples' sums, sample by sample (rows of C: a channel at a time, they were read at a
-  // stride of C, which took most of a late stage's call).
-  std::vector<double> sums_dx(C, 0.0), sums_dxz(C, 0.0);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      sums_dx[c] += sp[n * C + c];
-      sums_dxz[c] += sp[N * C + n * C + c];
+  // stride of C, which took most of a late stage's call), the channels split between the
+  // threads.
+  at::parallel_for(0, C, 256, [&](int64_t c0, int64_t c1) {
+    std::vector<double> sums_dx(c1 - c0, 0.0), sums_dxz(c1 - c0, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      const T* s_dx = sp + n * C + c0;
+      const T* s_dxz = sp + N * C + n * C + c0;
+      for (int64_t c = 0; c < c1 - c0; ++c) {
+        sums_dx[c] += s_dx[c];
+        sums_dxz[c] += s_dxz[c];
+      }
     }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const double sum_dx = sums_dx[c], sum_dxz = sums_dxz[c];
-    const double inv = bn.invstd[c], mean = bn.mean[c], scale = bn.scale[c];
-    const double sum_dxc = sum_dxz - mean * sum_dx;  // sum dx * (z - mean)
-    if (training) {
-      const double k = sum_dxc * inv * inv / double(count);
-      b[c] = T(-scale * k);
-      d[c] = T(scale * (k * mean - sum_dx / double(count)));
+    for (int64_t c = c0; c < c1; ++c) {
+      const double sum_dx = sums_dx[c - c0], sum_dxz = sums_dxz[c - c0];
+      const double inv = bn.invstd[c], mean = bn.mean[c], scale = bn.scale[c];
+      const double sum_dxc = sum_dxz - mean * sum_dx;  // sum dx * (z - mean)
+      if (training) {
+        const double k = sum_dxc * inv * inv / double(count);
+        b[c] = T(-scale * k);
+        d[c] = T(scale * (k * mean - sum_dx / double(count)));
+      }
+      dgamma[c] = sum_dxc * inv;
+      dbeta[c] = sum_dx;
     }
-    dgamma[c] = sum_dxc * inv;
-    dbeta[c] = sum_dx;
-  }
+  });
   bn_input_grad_impl<T>(dx, z, a, b, d, channels_last);
   return {dgamma, dbeta};
 }
