@@ -51,7 +51,9 @@ Both passes are ``torch.library`` custom ops, so a whole-model ``torch.compile``
 one opaque call instead of compiling its many reductions, and autocast cannot downcast the
 statistics: they are computed in float32 (float64 for float64 inputs) like the reference.
 Eager calls run the same code through a plain autograd.Function (``_EagerFused``), which
-costs the host far less per call.
+costs the host far less per call; where the C++ kernels run, through one C++ autograd node
+instead (``fused_cpu.tail``: no Python in its forward or backward), whose backward writes
+the block's first map gradient over its incoming one when autograd alone holds that.
 """
 from __future__ import annotations
 
@@ -498,7 +500,9 @@ _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerFused(torch.autograd.Function):
-    """The ops' forward and backward outside torch.compile, without the custom-op layer.
+    """The ops' forward and backward outside torch.compile, without the custom-op layer,
+    where the C++ kernels do not run (the Triton and PyTorch paths; ``fused_cpu.tail`` is
+    the C++ kernels' node).
 
     That layer (schema checks, argument defaults, the alias check of every output, its
     autograd wrapper) held the largest share of host time in a cProfile of eager GPU

@@ -835,6 +835,8 @@ def test_gradient_reuse_can_be_switched_off(over_dy, request):
     assert over_dy() == [False]
     for a, b in zip(got, expect):
         assert_close(a, b)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        fused_cpu.grad_reuse("sometimes")
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
