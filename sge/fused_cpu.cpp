@@ -613,11 +613,11 @@ void forward_rows(const T* z, T* y, const T* r, int64_t P, int64_t C, int64_t K,
 
 // backward_tile on a channels_last map (layout as forward_rows'): chat comes as (group,
 // position) rows (chat_ld 0) and is read by position, or by position in rows of chat_ld;
-// sd, gamma, beta, dw, db per group from g0; mk, sum_dx, sum_dxz per channel from ch0. Three passes along the rows: ds = sum_k dy_k x_k per
-// position and group (ReLU's backward first with yo, writing dres); dm = mean_p(x_p dc_p)
-// per channel; dx. (Folding the second into the first, by sums that dc's per-group
-// coefficients multiply afterwards, measured slower: the first pass is the one that waits on
-// memory, and it grew.)
+// sd, gamma, beta, dw, db per group from g0; mk, sum_dx, sum_dxz per channel from ch0.
+// Three passes along the rows: ds = sum_k dy_k x_k per position and group (ReLU's backward
+// first with yo, writing dres); dm = mean_p(x_p dc_p) per channel; dx. (Folding the second
+// into the first, by sums that dc's per-group coefficients multiply afterwards, measured
+// slower: the first pass is the one that waits on memory, and it grew.)
 template <typename T, typename Ops>
 void backward_rows(const T* dy, const T* yo, T* dr, const T* z, T* dx, int64_t P, int64_t C,
                    int64_t K, int64_t gw, int64_t ch0, const Affine<T>& bn, const T* gamma,
@@ -1127,14 +1127,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sge_cpu_forward(
 // without out. chat_by_position: chat as the forward kept it when told so (channels_last).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-sge_cpu_backward(const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
-         const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
-         const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
-         const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
-         const at::Tensor& bias, double eps, const OptTensor& residual,
-         const OptTensor& rbn_weight, const OptTensor& rbn_bias, const OptTensor& rmean,
-         const OptTensor& rvar, double rbn_eps, bool rbn_training, const OptTensor& out,
-         bool chat_by_position) {
+sge_cpu_backward(
+    const at::Tensor& dy_in, const OptTensor& y_out, const at::Tensor& z_in,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& mean,
+    const OptTensor& var, double bn_eps, bool bn_training, const at::Tensor& chat,
+    const at::Tensor& sigma, const at::Tensor& m, const at::Tensor& weight,
+    const at::Tensor& bias, double eps, const OptTensor& residual, const OptTensor& rbn_weight,
+    const OptTensor& rbn_bias, const OptTensor& rmean, const OptTensor& rvar, double rbn_eps,
+    bool rbn_training, const OptTensor& out, bool chat_by_position) {
   const bool cl = is_channels_last(dy_in);  // the layout of dy and of the gradients
   TORCH_CHECK(dy_in.dim() == 4 && dy_in.numel() > 0, "sge_cpu: takes non-empty 4-d maps");
   TORCH_CHECK(!chat_by_position || cl, "sge_cpu: chat kept by position needs a "
