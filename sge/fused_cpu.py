@@ -30,6 +30,7 @@ Built with ``torch.utils.cpp_extension`` on first use into ``.cache/torch_extens
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def _ops():
             isa = torch.backends.cpu.get_cpu_capability()
             build_dir = _CACHE / f"sge_cpu_{isa.lower()}"
             build_dir.mkdir(parents=True, exist_ok=True)
+            if not (build_dir / "sge_cpu.so").is_file():  # else loaded (rebuilt if changed)
+                print(f"sge: building the fused SGE's C++ CPU kernels, once (about half a "
+                      f"minute), into {build_dir}", file=sys.stderr, flush=True)
             # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers.
             load_inline("sge_cpu", [p.read_text() for p in _SOURCES],
                         build_directory=str(build_dir),

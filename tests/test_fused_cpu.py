@@ -400,6 +400,25 @@ def test_failed_build_falls_back_with_one_notice(monkeypatch):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("built", [False, True])
+def test_first_build_says_so(built, monkeypatch, tmp_path, capsys):
+    # The first forward on a CPU builds the kernels (about half a minute, the quickstart's
+    # first epoch): one line says so, where nothing was built yet.
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    if built:
+        (tmp_path / f"sge_cpu_{isa}").mkdir()
+        (tmp_path / f"sge_cpu_{isa}" / "sge_cpu.so").touch()
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setattr(fused_cpu, "_CACHE", tmp_path)
+    builds = []
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline",
+                        lambda *args, **kw: builds.append(kw["build_directory"]))
+    fused_cpu._ops()
+    assert builds == [str(tmp_path / f"sge_cpu_{isa}")]
+    err = capsys.readouterr().err
+    assert ("building the fused SGE's C++ CPU kernels, once" in err) != built, err
+
+
 def test_half_maps_use_pytorch_path(calls):
     _, layer = test_fused._pair(16, 4, torch.float32)
     x = (torch.randn(3, 16, 6, 5) * 3).to(torch.bfloat16)
