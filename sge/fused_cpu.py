@@ -65,8 +65,8 @@ def _ops():
             build_dir = _CACHE / f"sge_cpu_{isa.lower()}"
             build_dir.mkdir(parents=True, exist_ok=True)
             if not (build_dir / "sge_cpu.so").is_file():  # else loaded (rebuilt if changed)
-                print(f"sge: building the fused SGE's C++ CPU kernels, once (about half a "
-                      f"minute), into {build_dir}", file=sys.stderr, flush=True)
+                _notice(f"sge: building the fused SGE's C++ CPU kernels, once (about half a "
+                        f"minute), into {build_dir}")
             # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers.
             load_inline("sge_cpu", [p.read_text() for p in _SOURCES],
                         build_directory=str(build_dir),
@@ -80,6 +80,15 @@ def _ops():
                           f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
                           "the fused SGE uses its PyTorch path there (slower)", stacklevel=3)
     return _state["ops"]
+
+
+def _notice(line: str) -> None:
+    """``line`` on stderr, on a line of its own under a training run's progress bar."""
+    try:
+        from tqdm import tqdm
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _import_load_inline():
