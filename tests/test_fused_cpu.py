@@ -832,28 +832,22 @@ def _tail_grads(pair, x, r, weight, fused, use=None):
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
-def test_free_gradient_is_written_over(over_dy):
+@pytest.mark.parametrize("policy", ["check", "never"])
+def test_free_gradient_is_written_over(policy, over_dy, request):
     # The product's gradient reaches the tail's backward held by autograd alone: the residual's
-    # gradient is written over it, with the reference's results.
-    fused, ref, x, r, weight = _tail()
-    got = _tail_grads(fused, x, r, weight, True)
-    expect = _tail_grads(ref, x, r, weight, False)
-    assert over_dy() == [True]
-    for a, b in zip(got, expect):
-        assert_close(a, b)
-
-
-@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the PyTorch path is used")
-def test_gradient_reuse_can_be_switched_off(over_dy, request):
-    # "never" (for A/B timing): the same gradients, each from a fresh map.
-    assert fused_cpu.grad_reuse("never")[0] == "check"
+    # gradient is written over it, with the reference's results. "never" (for A/B timing):
+    # the same gradients, each from a fresh map.
+    assert fused_cpu.grad_reuse(policy)[0] == "check"
     request.addfinalizer(lambda: fused_cpu.grad_reuse("check"))
     fused, ref, x, r, weight = _tail()
     got = _tail_grads(fused, x, r, weight, True)
     expect = _tail_grads(ref, x, r, weight, False)
-    assert over_dy() == [False]
+    assert over_dy() == [policy == "check"]
     for a, b in zip(got, expect):
         assert_close(a, b)
+
+
+def test_gradient_reuse_policy_is_checked():
     with pytest.raises(ValueError, match="policy must be one of"):
         fused_cpu.grad_reuse("sometimes")
 
