@@ -2,6 +2,7 @@
 BatchNorm2d + reference; the PyTorch path they replace on CPU is kept covered here too (the
 kernels switched off, and a failed build)."""
 import copy
+import inspect
 import shutil
 import warnings
 
@@ -51,32 +52,41 @@ def over_dy(tail_backwards):
     return lambda: [over for over, _ in tail_backwards()]
 
 
-class _Calls(dict):
-    """The kernels' calls by name; a C++ tail node's backward (run by autograd, no Python
-    call to count) is read from its log."""
+@pytest.fixture
+def kernel_backwards(monkeypatch):
+    """Records each call of the kernels' backward from Python (``fused_cpu.backward``; a tail
+    node's backward runs in C++, see ``tail_backwards``), as a dict of its arguments by
+    name."""
+    seen = []
+    real = fused_cpu.backward
+    signature = inspect.signature(real)
 
-    def __init__(self, tail_log):
-        super().__init__(forward=0, backward=0)
-        self.tail_log = tail_log
+    def backward(*args, **kw):
+        bound = signature.bind(*args, **kw)
+        bound.apply_defaults()
+        seen.append(dict(bound.arguments))
+        return real(*args, **kw)
+    monkeypatch.setattr(fused_cpu, "backward", backward)
+    return seen
+
+
+class _Calls:
+    """The kernels' calls by name: forward (from Python or a tail node's), backward (from
+    Python, or a tail node's, read from its log)."""
+
+    def __init__(self, forwards, backwards, tail_log):
+        self.forwards, self.backwards, self.tail_log = forwards, backwards, tail_log
 
     def __getitem__(self, name):
-        return super().__getitem__(name) + (len(self.tail_log()) if name == "backward" else 0)
+        if name == "forward":
+            return len(self.forwards)
+        return len(self.backwards) + len(self.tail_log())
 
 
 @pytest.fixture
-def calls(monkeypatch, over_dy):
-    """Counts the kernels' calls, so a test can tell they ran (not the PyTorch path): forward
-    and backward, a tail node's forward (``fused_cpu.tail``) as a forward, its backward as a
-    backward."""
-    count = _Calls(over_dy)
-    for name, key in (("forward", "forward"), ("backward", "backward"), ("tail", "forward")):
-        real = getattr(fused_cpu, name)
-
-        def spy(*args, _real=real, _key=key, **kw):
-            dict.__setitem__(count, _key, dict.__getitem__(count, _key) + 1)
-            return _real(*args, **kw)
-        monkeypatch.setattr(fused_cpu, name, spy)
-    return count
+def calls(kernel_forwards, kernel_backwards, tail_backwards):
+    """Counts the kernels' calls, so a test can tell they ran (not the PyTorch path)."""
+    return _Calls(kernel_forwards, kernel_backwards, tail_backwards)
 
 
 @pytest.fixture
@@ -621,17 +631,13 @@ def _check_shortcut_norm(shape, dtype, training, channels_last, affine):
 
 
 @pytest.fixture
-def residual_bns(monkeypatch, kernel_forwards, tail_backwards):
+def residual_bns(kernel_forwards, kernel_backwards, tail_backwards):
     """Records, per call of the kernels' forward and backward (a tail node's too), whether it
     got the residual's BN."""
-    real = fused_cpu.backward
-    python_backwards = []
-    monkeypatch.setattr(fused_cpu, "backward", lambda *a, **kw: python_backwards.append(
-        len(a) > 11 and a[11] is not None) or real(*a, **kw))
-
     def seen():
         return {"forward": [f["residual_bn"] is not None for f in kernel_forwards],
-                "backward": python_backwards + [rbn for _, rbn in tail_backwards()]}
+                "backward": [b["residual_bn"] is not None for b in kernel_backwards]
+                + [rbn for _, rbn in tail_backwards()]}
     return seen
 
 
