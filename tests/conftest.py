@@ -13,21 +13,28 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _record_calls(monkeypatch, owner, name, seen):
+    """Wraps ``owner.name`` so that each call appends its arguments by name to ``seen``."""
+    real = getattr(owner, name)
+    signature = inspect.signature(real)
+
+    def recorded(*args, **kw):
+        bound = signature.bind(*args, **kw)
+        bound.apply_defaults()
+        seen.append(dict(bound.arguments))
+        return real(*args, **kw)
+    monkeypatch.setattr(owner, name, recorded)
+    return seen
+
+
 @pytest.fixture
 def kernel_forwards(monkeypatch):
     """Records each forward of the C++ kernels (sge/fused_cpu.py), from Python
     (``fused_cpu.forward``) or as eager training's tail node (``fused_cpu.tail``), as a dict
     of ``fused_cpu.forward``'s arguments by name."""
     from sge import fused_cpu
-    seen = []
-    real_forward, real_tail = fused_cpu.forward, fused_cpu.tail
-    signature = inspect.signature(real_forward)
-
-    def forward(*args, **kw):
-        bound = signature.bind(*args, **kw)
-        bound.apply_defaults()
-        seen.append(dict(bound.arguments))
-        return real_forward(*args, **kw)
+    seen = _record_calls(monkeypatch, fused_cpu, "forward", [])
+    real_tail = fused_cpu.tail
 
     def tail(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual, groups,
              bn_training, bn_eps, keep, rbn_weight, rbn_bias, rmean, rvar, rbn_training,
@@ -40,6 +47,14 @@ def kernel_forwards(monkeypatch):
         return real_tail(z, bn_weight, bn_bias, mean, var, zmean, weight, bias, residual,
                          groups, bn_training, bn_eps, keep, rbn_weight, rbn_bias, rmean, rvar,
                          rbn_training, rbn_eps)
-    monkeypatch.setattr(fused_cpu, "forward", forward)
     monkeypatch.setattr(fused_cpu, "tail", tail)
     return seen
+
+
+@pytest.fixture
+def kernel_backwards(monkeypatch):
+    """Records each call of the C++ kernels' backward from Python (``fused_cpu.backward``; a
+    tail node's backward runs in C++ and is not seen here), as a dict of its arguments by
+    name."""
+    from sge import fused_cpu
+    return _record_calls(monkeypatch, fused_cpu, "backward", [])

@@ -2,7 +2,6 @@
 BatchNorm2d + reference; the PyTorch path they replace on CPU is kept covered here too (the
 kernels switched off, and a failed build)."""
 import copy
-import inspect
 import shutil
 import warnings
 
@@ -50,24 +49,6 @@ def tail_backwards():
 def over_dy(tail_backwards):
     """``over_dy()``: whether each tail backward since the test began wrote over dy."""
     return lambda: [over for over, _ in tail_backwards()]
-
-
-@pytest.fixture
-def kernel_backwards(monkeypatch):
-    """Records each call of the kernels' backward from Python (``fused_cpu.backward``; a tail
-    node's backward runs in C++, see ``tail_backwards``), as a dict of its arguments by
-    name."""
-    seen = []
-    real = fused_cpu.backward
-    signature = inspect.signature(real)
-
-    def backward(*args, **kw):
-        bound = signature.bind(*args, **kw)
-        bound.apply_defaults()
-        seen.append(dict(bound.arguments))
-        return real(*args, **kw)
-    monkeypatch.setattr(fused_cpu, "backward", backward)
-    return seen
 
 
 class _Calls:
