@@ -49,6 +49,10 @@ it. Against the plain run this says how much of a ratio is the host issuing work
 fused SGE's step waited on the host on an H200; docs/benchmarks.md, "Fourth GPU
 session"). ``--compile-mode`` passes a mode to ``torch.compile`` (``reduce-overhead``
 also uses CUDA graphs, through Inductor).
+
+``--keep-freed-memory`` sets glibc's malloc in each worker as ``train.py`` and ``eval.py``
+do on CPUs (``train.keep_freed_memory``): freed feature maps stay in the process instead of
+being faulted in again every step. Without it the workers run with the C library's defaults.
 """
 from __future__ import annotations
 
@@ -94,7 +98,7 @@ FIGURES = {
 TIMES = ("train_time", "infer_time", "compiled_step")  # figures with per-round values
 # The command-line options every worker's spec carries (``collect`` adds ``steps``).
 WORKER_OPTIONS = ("batch", "img", "warmup", "threads", "device", "amp", "channels_last",
-                  "cuda_graph", "compile_mode")
+                  "cuda_graph", "compile_mode", "keep_freed_memory")
 
 
 def parse_args(argv=None):
@@ -127,6 +131,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode for --measure compiled (e.g. reduce-overhead, "
                          "max-autotune-no-cudagraphs); default: torch's default")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="CPU, glibc: keep freed memory in each process, as train.py and "
+                         "eval.py do by default (train.keep_freed_memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.processes < 1:
@@ -169,6 +176,10 @@ def _setup(spec: dict) -> SimpleNamespace:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device = torch.device(spec["device"])
+    if spec.get("keep_freed_memory") and device.type == "cpu":
+        from sge.builders import glibc_keep_freed_memory
+        if not glibc_keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: this C library has no glibc mallopt")
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     x = torch.randn(spec["batch"], 3, spec["img"], spec["img"], device=device)
     x = x.contiguous(memory_format=fmt)
@@ -519,6 +530,7 @@ def main(argv=None) -> None:
     print(f"batch {args.batch}, {args.img} px, {args.device}, {args.threads} threads, "
           f"amp={args.amp}, channels_last={args.channels_last}"
           f"{', CUDA graph replays' if args.cuda_graph else ''}"
+          f"{', freed memory kept' if args.keep_freed_memory else ''}"
           f"{f', compile mode {args.compile_mode}' if args.compile_mode else ''}, {how}; "
           "ratios to resnet50 in parentheses")
     print_table(figures, rat)

@@ -81,6 +81,8 @@ class TrainCfg:
     log_every: int = _f(20, "log train metrics every N optimizer steps", min=1)
     progress: bool = _f(True, "progress bar with ETA on rank 0")
     threads: int = _f(0, "CPU threads per process for torch ops (0 = torch's default)", min=0)
+    keep_freed_memory: bool = _f(True, "CPU runs on glibc: keep freed memory for reuse, not "
+                                 "return it to the OS (faster steps, more RSS)")
 
 
 @dataclass

@@ -285,6 +285,7 @@ def fit(cfg: Config) -> dict:
     """
     builders.set_threads(cfg)
     device = distributed.init(cfg.dist.backend, cfg.dist.timeout_s)
+    builders.keep_freed_memory(cfg, device)
     with StopFlag() as stop:
         try:
             result = _fit(cfg, device, stop)
@@ -405,6 +406,7 @@ def evaluate_checkpoint(cfg: Config, path) -> dict:
     """Evaluate the weights in ``path`` (ours, released or plain) on ``cfg``'s val set."""
     builders.set_threads(cfg)
     device = distributed.init(cfg.dist.backend, cfg.dist.timeout_s)
+    builders.keep_freed_memory(cfg, device)
     model = builders.build_model(cfg)
     checkpoint.load_model_weights(model, path)
     model = builders.place_model(cfg, model, device)

@@ -502,9 +502,10 @@ def test_bench_sge_pools_rounds_from_several_processes():
     _, out, _ = run(["bench_sge.py", "--batch", "2", "--img", "32", "--repeats", "1",
                      "--steps", "3", "--warmup", "1", "--measure", "infer", "--same-process",
                      "--processes", "2", "--variants", "resnet50,sge_resnet50_fused",
-                     "--threads", "1"])
+                     "--threads", "1", "--keep-freed-memory"])
     result = json.loads(out.strip().splitlines()[-1])
     assert result["config"]["processes"] == 2
+    assert result["config"]["keep_freed_memory"] and "freed memory kept" in out
     figs = result["results"]
     a, b = figs["resnet50"]["infer_time_all"], figs["sge_resnet50_fused"]["infer_time_all"]
     process = figs["resnet50"]["infer_time_process"]
