@@ -234,6 +234,40 @@ def test_channels_last(device):
     assert torch.isfinite(x_cl.grad).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_train_step_never_waits_for_the_gpu(channels_last):
+    """A fused SGE-ResNet50's bf16 train step (forward, backward, SGD) makes no call that
+    waits for the GPU (``.item()``, a copy from pageable memory, ``nonzero``, ...): with
+    one per step the host could not queue work ahead, and the GPU would idle wherever the
+    host is the slower (the H200's fused step idled 12.5 ms of 44.5; docs/benchmarks.md,
+    "Fourth GPU session"). PyTorch's sync debug mode raises at such a call, naming it. The
+    first step (Triton's and cuDNN's first calls) runs before the check."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = models.create_model("sge_resnet50", channels=(8, 16, 32, 64), groups=4,
+                                num_classes=10).cuda().to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=fmt)
+    labels = torch.randint(0, 10, (8,), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
 def _compiled_matches_reference(x, **compile_kwargs):
     """The fused model under ``torch.compile(**compile_kwargs)`` against the eager reference
     model: output and every parameter's gradient, float64."""
