@@ -30,7 +30,7 @@ import profile_step  # noqa: E402
 import report  # noqa: E402
 import visualize_sge  # noqa: E402
 SHELL = ["train.sh", "train_multinode.sh", "slurm_train.sbatch", "sweep_groups.sh",
-         "eval_released.sh"]
+         "eval_released.sh", "check_gpu.sh"]
 PYTHON = ["report.py", "predict.py", "visualize_sge.py", "bench_sge.py", "bench_sge_block.py",
           "profile_step.py"]
 NARROW = dict(channels=(8, 16, 32, 64), groups=4, num_classes=3)
@@ -87,6 +87,7 @@ def test_help(script):
      "the sweep sets model.groups"),
     (["eval_released.sh", "no/such/dir", "."], "checkpoint folder not found: no/such/dir"),
     (["eval_released.sh", "tests", "."], "none of old_resnet50.pth.tar"),
+    (["check_gpu.sh", "--bogus"], "unknown option '--bogus'"),
 ])
 def test_shell_scripts_refuse_bad_arguments(args, message, tmp_path):
     cfg = tmp_path / "c.yaml"
@@ -94,6 +95,30 @@ def test_shell_scripts_refuse_bad_arguments(args, message, tmp_path):
     args = [str(cfg) if a == "CFG" else a for a in args]
     code, out, err = run(args, ok=False)
     assert code == 2 and message in err, (code, out, err)
+
+
+def test_check_gpu_runs_the_tools_with_options_they_take(tmp_path):
+    """check_gpu.sh's commands, as --dry-run lists them, parse with each tool's own
+    argument parser (a renamed option would otherwise show only on a GPU machine); without
+    a GPU the script stops before running any."""
+    _, out, _ = run(["check_gpu.sh", "--dry-run", str(tmp_path / "g")], env={"BATCH": "64"})
+    steps = dict(line.split(": ", 1) for line in out.splitlines())
+    assert list(steps) == ["kernels", "tests", "cost", "graphs", "profile", "blocks"]
+    tools = {"bench_sge.py": bench_sge, "profile_step.py": profile_step,
+             "bench_sge_block.py": bench_sge_block}
+    for step, command in steps.items():
+        words = command.split()[1:]
+        if words[0] == "-m":
+            assert words[1] == "pytest" and all((ROOT / w).is_file() for w in words
+                                                if w.startswith("tests/")), command
+            continue
+        args = tools[Path(words[0]).name].parse_args(words[1:])
+        assert args.device == "cuda", step
+    assert "--batch 64" in steps["cost"] and "--cuda-graph" in steps["graphs"]
+    if not torch.cuda.is_available():
+        code, _, err = run(["check_gpu.sh", str(tmp_path / "g")], ok=False)
+        assert code == 2 and "no CUDA GPU is visible" in err
+        assert not (tmp_path / "g").exists()
 
 
 def test_sweep_refuses_a_group_count_that_does_not_divide(tmp_path):
