@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 from functools import partial
 
 import torch
@@ -55,6 +56,8 @@ def glibc_keep_freed_memory() -> bool:
     MALLOC_TRIM_THRESHOLD_=...`` applied from inside the process. Other C libraries (no
     ``mallopt``, or one that refuses) are left as they are.
     """
+    if not sys.platform.startswith("linux"):  # CDLL(None) is no C library on Windows
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
