@@ -8,6 +8,7 @@ sweep's eval.txt against the best row train.py logged.
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -99,22 +100,33 @@ def test_shell_scripts_refuse_bad_arguments(args, message, tmp_path):
 
 def test_check_gpu_runs_the_tools_with_options_they_take(tmp_path):
     """check_gpu.sh's commands, as --dry-run lists them, parse with each tool's own
-    argument parser (a renamed option would otherwise show only on a GPU machine); without
-    a GPU the script stops before running any."""
+    argument parser (a renamed option would otherwise show only on a GPU machine), and its
+    test steps collect the GPU cases; without a GPU the script stops before running any."""
     _, out, _ = run(["check_gpu.sh", "--dry-run", str(tmp_path / "g")], env={"BATCH": "64"})
-    steps = dict(line.split(": ", 1) for line in out.splitlines())
+    steps = {step: shlex.split(command)[1:] for step, command in
+             (line.split(": ", 1) for line in out.splitlines())}
     assert list(steps) == ["kernels", "tests", "cost", "graphs", "profile", "blocks"]
     tools = {"bench_sge.py": bench_sge, "profile_step.py": profile_step,
              "bench_sge_block.py": bench_sge_block}
-    for step, command in steps.items():
-        words = command.split()[1:]
-        if words[0] == "-m":
-            assert words[1] == "pytest" and all((ROOT / w).is_file() for w in words
-                                                if w.startswith("tests/")), command
+    for step, words in steps.items():
+        if words[:2] == ["-m", "pytest"]:
             continue
         args = tools[Path(words[0]).name].parse_args(words[1:])
         assert args.device == "cuda", step
-    assert "--batch 64" in steps["cost"] and "--cuda-graph" in steps["graphs"]
+    assert bench_sge.parse_args(steps["cost"][1:]).batch == 64
+    assert bench_sge.parse_args(steps["graphs"][1:]).cuda_graph
+
+    # The test steps select the GPU cases CI skips (collected here, not run).
+    def collect(words):
+        return subprocess.run([sys.executable, *words, "--collect-only"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    kernels, tests = collect(steps["kernels"]), collect(steps["tests"])
+    assert "tests/test_fused_triton.py::" in kernels and "deselected" not in kernels
+    for case in ("test_cuda_train_step_never_waits_for_the_gpu",
+                 "test_fp16_scaler_skipped_steps_counted_on_gpu",
+                 "test_bench_sge_cuda_graph_replays_train_and_infer_steps"):
+        assert case in tests, case
     if not torch.cuda.is_available():
         code, _, err = run(["check_gpu.sh", str(tmp_path / "g")], ok=False)
         assert code == 2 and "no CUDA GPU is visible" in err
