@@ -39,6 +39,15 @@ def set_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.train.threads)
 
 
+def init_process(cfg: Config) -> torch.device:
+    """This process's device, after ``train.threads``, joining torchrun's process group
+    (``dist.*``) and ``train.keep_freed_memory``: what training and evaluation both start with."""
+    set_threads(cfg)
+    device = distributed.init(cfg.dist.backend, cfg.dist.timeout_s)
+    keep_freed_memory(cfg, device)
+    return device
+
+
 def keep_freed_memory(cfg: Config, device: torch.device) -> bool:
     """Apply ``train.keep_freed_memory`` where the model runs on the CPU; return whether it did."""
     return cfg.train.keep_freed_memory and device.type == "cpu" and glibc_keep_freed_memory()

@@ -283,9 +283,7 @@ def fit(cfg: Config) -> dict:
 
     The summary has ``stopped`` (a signal name, or None), ``best`` and the last ``val`` rows.
     """
-    builders.set_threads(cfg)
-    device = distributed.init(cfg.dist.backend, cfg.dist.timeout_s)
-    builders.keep_freed_memory(cfg, device)
+    device = builders.init_process(cfg)
     with StopFlag() as stop:
         try:
             result = _fit(cfg, device, stop)
@@ -404,9 +402,7 @@ def _stopped(stop: StopFlag, path, progress: Progress, log: runlog.RunLog) -> di
 
 def evaluate_checkpoint(cfg: Config, path) -> dict:
     """Evaluate the weights in ``path`` (ours, released or plain) on ``cfg``'s val set."""
-    builders.set_threads(cfg)
-    device = distributed.init(cfg.dist.backend, cfg.dist.timeout_s)
-    builders.keep_freed_memory(cfg, device)
+    device = builders.init_process(cfg)
     model = builders.build_model(cfg)
     checkpoint.load_model_weights(model, path)
     model = builders.place_model(cfg, model, device)
